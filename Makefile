@@ -1,0 +1,38 @@
+# The two commands a new user needs: `make demo` and `make test`. Both install first.
+PYTHON ?= python3
+# Pinned together: this torch/torchvision pair installs from local wheels here and runs on the CPU.
+# Override for your platform, e.g. `make install TORCH_PINS="torch==2.5.1 torchvision==0.20.1"`.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test test-fast browser bench clean
+
+install:
+	$(PYTHON) -m pip install --quiet $(TORCH_PINS)
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+
+demo: install
+	rsvc compare experiment=planted_synthetic
+
+test: install browser
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Debian's Chromium for the report's browser test (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "could not install chromium: the browser test will fail"
+
+bench:
+	$(PYTHON) scripts/bench_extract.py
+	$(PYTHON) scripts/bench_nmf.py
+	$(PYTHON) scripts/bench_lasso.py
+	$(PYTHON) scripts/bench_nnls.py
+	$(PYTHON) scripts/bench_pipeline.py
+
+clean:
+	rm -rf rsvc-store .pytest_cache

@@ -1,0 +1,3 @@
+"""rsvc: Representational Similarity via interpretable Visual Concepts, as a command-line tool."""
+
+__version__ = "0.1.0"

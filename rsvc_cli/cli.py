@@ -1,0 +1,136 @@
+"""`rsvc <stage> [hydra overrides]`: dispatch to the stage's Hydra application.
+
+Each stage has a primary config `configs/<stage>.yaml` and a task function `run(cfg)` in
+`rsvc_cli/stages/<stage>.py`. This module is the thin shell around them: it picks the stage,
+rewrites the two pair shorthands (`model1=NAME` is Hydra's `model@model1=NAME`), and turns a
+user error (`RsvcError`) into one paragraph on stderr and exit code 2. `--debug` (or
+RSVC_DEBUG=1) shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import textwrap
+
+from rsvc_cli.errors import EXIT_USER_ERROR, RsvcError
+
+# stage -> (one-line description, module under rsvc_cli.stages)
+STAGES: dict[str, str] = {
+    "extract": "record layer activations of one model on the patches of the image sets",
+    "decompose": "concepts of one model's layer per class (NMF, semi-NMF, PCA, k-means)",
+    "regress": "cross-validated regressions between the two models' concepts (2->1, 1->2, 1->1, 2->2)",
+    "score": "per-concept similarity, concept correlation table, CKA; a table, lowest first",
+    "importance": "concept importance (integrated gradients) and the replacement test",
+    "collage": "top / over / under image collages for every concept",
+    "report": "a self-contained HTML report of a comparison",
+    "compare": "every stage above for one model pair and layer pair, reusing what is stored",
+    "summarize": "layer x layer similarity matrices over a sweep or a store",
+    "train": "train or fine-tune a classifier (planted-concept experiments)",
+    "layers": "list a model's layers with their output shapes",
+    "info": "describe an artifact (path=FILE) or a whole store",
+    "doctor": "check a store, list incomplete or orphaned artifacts, clean them (clean=true)",
+}
+
+# Config groups mounted under another name in pair stages: `model1=X` means `model@model1=X`.
+GROUP_ALIASES = {"model1": "model@model1", "model2": "model@model2"}
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """Rewrite `model1=NAME` / `model2=NAME` (also with a `~`/`+`/`++` prefix) to Hydra's group@package form."""
+    out = []
+    for item in overrides:
+        prefix = ""
+        body = item
+        for p in ("++", "+", "~"):
+            if body.startswith(p):
+                prefix, body = p, body[len(p):]
+                break
+        key, sep, value = body.partition("=")
+        if key in GROUP_ALIASES and (sep or prefix == "~"):
+            body = GROUP_ALIASES[key] + sep + value
+        out.append(prefix + body)
+    return out
+
+
+def print_user_error(err: RsvcError) -> None:
+    text = textwrap.fill(f"rsvc: {err.message}", width=100, break_long_words=False, break_on_hyphens=False)
+    print(text, file=sys.stderr)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("RSVC_DEBUG", "") not in ("", "0", "false")
+
+
+def run_task(task, cfg):
+    """Call a stage's task function, turning user errors into a paragraph and exit code 2."""
+    try:
+        return task(cfg)
+    except RsvcError as err:
+        if debug_enabled():
+            raise
+        print_user_error(err)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        print("rsvc: interrupted; complete artifacts are kept and the interrupted one resumes on the next run.",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: rsvc <stage> [hydra overrides] [--help] [--cfg job] [-m]", "", "stages:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in STAGES.items()]
+    lines += ["", "Each stage's own help: rsvc <stage> --help.   Tracebacks for bug reports: --debug.",
+              "Examples:",
+              "  rsvc layers model=cifar_resnet20",
+              "  rsvc compare experiment=cifar_r20_vs_r56 store=/tmp/rsvc",
+              "  rsvc compare -m experiment=cifar_r20_vs_r56 layer1=layer1,layer2,layer3 layer2=layer1,layer2,layer3"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv.remove("--debug")
+        os.environ["RSVC_DEBUG"] = "1"
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from rsvc_cli import __version__
+
+        print(f"rsvc {__version__}")
+        return 0
+    stage, overrides = argv[0], argv[1:]
+    if stage not in STAGES:
+        import difflib
+
+        close = difflib.get_close_matches(stage, STAGES, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        print_user_error(RsvcError(f"'{stage}' is not an rsvc stage.{hint}",
+                                   f"Run `rsvc --help` for the list: {', '.join(STAGES)}."))
+        return EXIT_USER_ERROR
+    return run_stage(stage, normalize_overrides(overrides))
+
+
+def run_stage(stage: str, overrides: list[str]) -> int:
+    import hydra
+
+    from rsvc_cli.config import register_configs
+
+    register_configs()
+    module = importlib.import_module(f"rsvc_cli.stages.{stage}")
+
+    @hydra.main(config_path="pkg://rsvc_cli.configs", config_name=stage, version_base="1.3")
+    def _hydra_main(cfg):
+        return run_task(module.run, cfg)
+
+    saved = sys.argv
+    sys.argv = [f"rsvc {stage}", *overrides]
+    try:
+        _hydra_main()
+    finally:
+        sys.argv = saved
+    return 0

@@ -1,0 +1,190 @@
+"""Configuration schemas, stored in Hydra's ConfigStore.
+
+Every stage's primary YAML (configs/<stage>.yaml) starts from one of these schemas, so a typo in a
+key or a value of the wrong type fails when the config is composed, before any work starts.
+The YAML files in the config groups (configs/model/, configs/dataset/, ...) fill these schemas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+DEFAULT_STORE = "${oc.env:RSVC_STORE,rsvc-store}"
+
+
+@dataclass
+class ModelConfig:
+    """A model: a built-in or timm name, or a torch module by import path, plus weights."""
+
+    name: str = "cifar_resnet20"
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    # Import path "pkg.module.Class" (or "pkg.module:function") called with `kwargs`.
+    _target_: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    num_classes: Optional[int] = None
+    # ViT token outputs: the CLS token where the model has one, or the mean of patch tokens.
+    token_reduce: str = "cls"
+    # Preprocessing overrides; null = the model's own (timm pretrained config or built-in).
+    input_size: Optional[int] = None
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class PlantingConfig:
+    """A coloured square pasted on images (the planted-concept experiment)."""
+
+    enabled: bool = False
+    color: List[int] = field(default_factory=lambda: [255, 0, 255])
+    size: int = 4  # pixels at the model input size
+    # Probability of a square per class name; `default_probability` for classes not listed.
+    class_probability: Dict[str, float] = field(default_factory=dict)
+    default_probability: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """Where images come from and which ones each image set gets."""
+
+    name: str = "synthetic"  # imagefolder | synthetic
+    root: Optional[str] = None
+    # Optional separate split for the evaluation set (e.g. the validation/test split).
+    evaluation_root: Optional[str] = None
+    classes: Optional[List[str]] = None
+    # Images drawn per class, split concept:regression:evaluation by `split` (authors: 100/200/200).
+    images_per_class: Optional[int] = 500
+    split: List[int] = field(default_factory=lambda: [1, 2, 2])
+    seed: int = 0
+    group_by: str = "label"  # label | predicted
+    # synthetic only
+    n_classes: int = 4
+    image_size: int = 32
+    synthetic_seed: int = 0
+    planting: PlantingConfig = field(default_factory=PlantingConfig)
+    _target_: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PatchConfig:
+    """Square patches: `size` at stride `stride` on a `reference_size` input, scaled to the model's input."""
+
+    size: Optional[int] = 64  # null: whole images
+    stride: int = 51
+    reference_size: int = 224
+
+
+@dataclass
+class DecompositionConfig:
+    method: str = "nmf"  # nmf | semi_nmf | pca | kmeans
+    n_concepts: int = 10
+    init: str = "nndsvd"
+    max_iter: int = 500
+    tol: float = 1e-4
+    seed: int = 0
+    signed: str = "error"  # error | clamp | split (negative activations with nmf)
+    per_class: bool = True
+
+
+@dataclass
+class RegressionConfig:
+    method: str = "lasso"  # lasso | ridge | linear
+    alpha: float = 0.1
+    n_folds: int = 5
+    seed: int = 0
+    max_iter: int = 5000
+    tol: float = 1e-7
+    evaluation: str = "heldout"  # heldout (evaluation set) | crossval (held-out folds of the regression set)
+
+
+@dataclass
+class ImportanceConfig:
+    enabled: bool = True
+    steps: int = 30
+    baseline: str = "zero"
+    replacement_mix: float = 0.5
+    max_images_per_class: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every stage that do not change any number."""
+
+    store: str = DEFAULT_STORE
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 32  # images per forward batch (each image gives n_patches inputs)
+    num_workers: int = 0
+    autocast: bool = False  # bf16 autocast on CUDA
+    storage_dtype: str = "float32"  # float32 | float16 (activations on disk)
+    debug: bool = False
+
+
+@dataclass
+class ExtractConfig(RunConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    layers: List[str] = field(default_factory=lambda: ["layer3"])
+
+
+@dataclass
+class LayersConfig(RunConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
+class InfoConfig(RunConfig):
+    path: Optional[str] = None
+
+
+@dataclass
+class DecomposeConfig(RunConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    layer: str = "layer3"
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+
+
+@dataclass
+class PairConfig(RunConfig):
+    """Stages that compare two models: regress, score, collage, importance, compare."""
+
+    model1: ModelConfig = field(default_factory=ModelConfig)
+    model2: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    layer1: str = "layer3"
+    layer2: str = "layer3"
+    # Extra layers extracted in the same forward pass (sweeps share one pass per model).
+    extract_layers1: List[str] = field(default_factory=list)
+    extract_layers2: List[str] = field(default_factory=list)
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    n_tiles: int = 8
+    report: bool = True
+    report_dir: Optional[str] = None
+
+
+@dataclass
+class SummarizeConfig(RunConfig):
+    out: Optional[str] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    for name, node in {
+        "extract_schema": ExtractConfig,
+        "layers_schema": LayersConfig,
+        "info_schema": InfoConfig,
+        "decompose_schema": DecomposeConfig,
+        "pair_schema": PairConfig,
+        "summarize_schema": SummarizeConfig,
+    }.items():
+        cs.store(name=name, node=node)

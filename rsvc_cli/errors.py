@@ -1,0 +1,23 @@
+"""The one way a user error reaches the user: a short paragraph and exit code 2.
+
+Raise ``RsvcError(problem, fix)`` anywhere below ``stages``; the CLI catches it, prints
+``problem`` and ``fix`` as one paragraph and exits with ``EXIT_USER_ERROR``. Set
+``RSVC_DEBUG=1`` (or pass ``--debug``) to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class RsvcError(Exception):
+    """A problem the user can fix: what went wrong, and what to do about it."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        self.problem = problem.strip()
+        self.fix = fix.strip()
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.problem} {self.fix}".strip()

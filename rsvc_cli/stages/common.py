@@ -1,0 +1,240 @@
+"""What several stages need: devices, models, image sets, and the content configs of artifacts.
+
+The content config of an artifact is everything that determines its numbers; `store.keys`
+hashes it into the artifact's path. Content configs nest: a concepts artifact's content holds
+its activations artifact's content, so a changed checkpoint or image selection reaches every
+downstream key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rsvc_cli.errors import RsvcError
+from rsvc_cli.store.keys import artifact_path
+
+
+def to_plain(cfg: Any) -> Any:
+    """A DictConfig (or a part of one) as plain Python containers."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise RsvcError(f"device={name} is not a device torch knows ({err}).",
+                        "Use device=auto, device=cpu or device=cuda (device=cuda:N for a specific GPU).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RsvcError(f"device={name} asks for CUDA but no CUDA GPU is available here.",
+                        "Use device=auto (CUDA when present, else CPU) or device=cpu.")
+    return device
+
+
+def store_dir(cfg) -> Path:
+    return Path(str(cfg.store)).expanduser()
+
+
+# ----------------------------------------------------------------------------------- models
+
+@dataclass
+class ModelHandle:
+    """A loaded model with what downstream stages need to know about it."""
+
+    loaded: Any  # rsvc_cli.models.registry.LoadedModel
+    identity: dict  # what determines its numbers (goes into artifact keys)
+    input_size: int
+    mean: tuple
+    std: tuple
+    token_reduce: str
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.loaded.module
+
+    @property
+    def label(self) -> str:
+        return self.identity["name"]
+
+
+def load_model(model_cfg) -> ModelHandle:
+    from rsvc_cli.models.registry import make_model
+
+    m = to_plain(model_cfg)
+    if m.get("token_reduce") not in ("cls", "mean"):
+        raise RsvcError(f"model.token_reduce={m.get('token_reduce')} is not an option.",
+                        "Use model.token_reduce=cls (the CLS token where the model has one) or model.token_reduce=mean.")
+    checkpoint = m.get("checkpoint")
+    if checkpoint is not None:
+        checkpoint = str(Path(checkpoint).expanduser())
+    loaded = make_model(m["name"], pretrained=bool(m.get("pretrained")), checkpoint=checkpoint,
+                        target=m.get("_target_"), num_classes=m.get("num_classes"), kwargs=m.get("kwargs") or {})
+    dc = loaded.data_config
+    input_size = int(m.get("input_size") or dc.input_size)
+    mean = tuple(float(v) for v in (m.get("mean") or dc.mean))
+    std = tuple(float(v) for v in (m.get("std") or dc.std))
+    identity = {
+        "name": m["name"],
+        "target": m.get("_target_"),
+        "kwargs": m.get("kwargs") or {},
+        "num_classes": m.get("num_classes"),
+        # Weights: the checkpoint's digest, or the pretrained tag; random init is seeded by nothing we
+        # control, so it is keyed by a digest of the initial parameters instead.
+        "weights": loaded.checkpoint_digest or ("pretrained" if m.get("pretrained") else parameter_digest(loaded.module)),
+        "input_size": input_size,
+        "mean": list(mean),
+        "std": list(std),
+        "token_reduce": m["token_reduce"],
+    }
+    return ModelHandle(loaded=loaded, identity=identity, input_size=input_size, mean=mean, std=std,
+                       token_reduce=m["token_reduce"])
+
+
+def parameter_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a model's parameters and buffers, for weights that come from no file."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return "params:" + h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- image sets
+
+@dataclass
+class ImageSets:
+    """The images of a comparison: a source, which images, in which set, and its identity."""
+
+    source: Any
+    class_names: list[str]
+    image_index: np.ndarray  # (n_images,) positions in `source`
+    image_set: np.ndarray  # (n_images,) 0 concept, 1 regression, 2 evaluation
+    label: np.ndarray  # (n_images,)
+    identity: dict  # what determines the images (goes into artifact keys)
+    planting: Any = None
+
+
+def load_image_sets(dataset_cfg) -> ImageSets:
+    from rsvc_cli.data.selection import select_image_sets
+
+    d = to_plain(dataset_cfg)
+    source = make_source(d)
+    split = tuple(int(v) for v in d.get("split") or (1, 2, 2))
+    if len(split) != 3 or min(split) < 0 or sum(split) == 0:
+        raise RsvcError(f"dataset.split={list(split)} must be three non-negative weights (concept, regression, evaluation).",
+                        "Use e.g. dataset.split=[1,2,2] (the authors' 100/200/200).")
+    selection = select_image_sets(source.labels, d.get("images_per_class"), seed=int(d.get("seed", 0)), split=split)
+    planting = make_planting(d.get("planting") or {}, source.class_names)
+    identity = {
+        "source": source_identity(d, source, selection.image_index),
+        "images_per_class": d.get("images_per_class"),
+        "split": list(split),
+        "seed": int(d.get("seed", 0)),
+        "planting": planting_identity(d.get("planting") or {}),
+    }
+    return ImageSets(source=source, class_names=list(source.class_names), image_index=selection.image_index,
+                     image_set=selection.image_set, label=selection.label, identity=identity, planting=planting)
+
+
+def make_source(d: dict):
+    name = d.get("name")
+    if d.get("_target_"):
+        import importlib
+
+        module_name, _, attr = d["_target_"].replace(":", ".").rpartition(".")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise RsvcError(f"dataset._target_={d['_target_']} cannot be imported ({err}).",
+                            "Give an importable path to a class or function returning a source with "
+                            "class_names, labels and load_image(i).") from None
+        return factory(**(d.get("kwargs") or {}))
+    if name == "synthetic":
+        from rsvc_cli.data.synthetic import SyntheticSource
+
+        per_class = d.get("images_per_class") or 60
+        return SyntheticSource(n_classes=int(d.get("n_classes", 4)), images_per_class=int(per_class),
+                               image_size=int(d.get("image_size", 32)), seed=int(d.get("synthetic_seed", 0)))
+    if name == "imagefolder":
+        from rsvc_cli.data.imagefolder import ImageFolderSource
+
+        root = d.get("root")
+        if not root:
+            raise RsvcError("dataset=imagefolder needs the folder of class sub-folders.",
+                            "Set dataset.root=DIR (one sub-folder of images per class, the ImageNet layout).")
+        return ImageFolderSource(root, classes=d.get("classes"))
+    raise RsvcError(f"dataset.name={name} is not a dataset rsvc knows.",
+                    "Use dataset=imagefolder dataset.root=DIR, dataset=synthetic, or dataset._target_=pkg.module.Factory.")
+
+
+def source_identity(d: dict, source, image_index: np.ndarray) -> dict:
+    """What the selected images are, independent of where the dataset lies on disk."""
+    if d.get("name") == "synthetic" and not d.get("_target_"):
+        return {"name": "synthetic", "n_classes": int(d.get("n_classes", 4)), "image_size": int(d.get("image_size", 32)),
+                "synthetic_seed": int(d.get("synthetic_seed", 0)), "class_names": list(source.class_names)}
+    # Relative paths and byte sizes of the selected files: moving the tree keeps the key, while a
+    # different split (train vs test) with the same file names still gets its own key.
+    h = hashlib.sha256()
+    root = getattr(source, "root", None)
+    for i in np.asarray(image_index):
+        path = source.paths[int(i)]
+        rel = os.path.relpath(path, root) if root else str(path)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = -1
+        h.update(f"{rel}\0{size}\n".encode())
+    return {"name": d.get("name"), "target": d.get("_target_"), "class_names": list(source.class_names),
+            "images_digest": h.hexdigest()}
+
+
+def make_planting(p: dict, class_names: list[str]):
+    if not p or not p.get("enabled"):
+        return None
+    from rsvc_cli.data.planting import SquarePlanting
+
+    unknown = sorted(set(p.get("class_probability") or {}) - set(class_names))
+    if unknown:
+        raise RsvcError(f"dataset.planting.class_probability names classes that are not in the dataset: {unknown}.",
+                        f"Use class names from: {', '.join(class_names[:20])}.")
+    probability = [float((p.get("class_probability") or {}).get(c, p.get("default_probability", 0.0)))
+                   for c in class_names]
+    return SquarePlanting(color=tuple(p.get("color") or (255, 0, 255)), size=int(p.get("size", 4)),
+                          class_probability=probability, seed=int(p.get("seed", 0)))
+
+
+def planting_identity(p: dict) -> dict | None:
+    if not p or not p.get("enabled"):
+        return None
+    return {k: p.get(k) for k in ("color", "size", "class_probability", "default_probability", "seed")}
+
+
+def patch_geometry(patch_cfg, input_size: int) -> tuple[int | None, int | None]:
+    from rsvc_cli.data.patches import scaled_patch_geometry
+
+    p = to_plain(patch_cfg)
+    return scaled_patch_geometry(input_size, size=p.get("size"), stride=p.get("stride"),
+                                 reference_size=p.get("reference_size", 224))
+
+
+# ------------------------------------------------------------------------- content configs
+
+def activations_content(model: ModelHandle, images: ImageSets, patch: tuple, layer: str, storage_dtype: str) -> dict:
+    return {"kind": "activations", "model": model.identity, "images": images.identity,
+            "patch": {"size": patch[0], "stride": patch[1]}, "layer": layer, "storage_dtype": storage_dtype}
+
+
+def activations_path(store: Path, model: ModelHandle, content: dict) -> Path:
+    return artifact_path(store, "activations", f"{model.label}-{content['layer']}", content)

@@ -1,0 +1,174 @@
+"""rsvc extract: activations of one model on the patches of the image sets.
+
+One forward pass per batch records every requested layer; each layer is its own artifact
+(`activations/<model>-<layer>-<key>.h5`) so that layers are shared between comparisons. Layers
+that are already complete are skipped; the others are written together, resumably: the partial
+files record how many images are done, and a rerun continues from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsvc_cli import console
+from rsvc_cli.errors import RsvcError
+from rsvc_cli.store.artifact import ArtifactWriter, is_complete, write_array
+from rsvc_cli.store.lock import artifact_lock, touch
+from rsvc_cli.stages.common import (
+    ImageSets,
+    ModelHandle,
+    activations_content,
+    activations_path,
+    load_image_sets,
+    load_model,
+    patch_geometry,
+    resolve_device,
+    store_dir,
+)
+
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def run(cfg) -> dict[str, Path]:
+    model = load_model(cfg.model)
+    images = load_image_sets(cfg.dataset)
+    return extract_layers(model, images, cfg.patch, list(cfg.layers), cfg)
+
+
+def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: list[str], run_cfg) -> dict[str, Path]:
+    """Make sure an activations artifact exists for every layer; return their paths."""
+    from rsvc_cli.models.hooks import resolve_layer_names
+
+    if run_cfg.storage_dtype not in STORAGE_DTYPES:
+        raise RsvcError(f"storage_dtype={run_cfg.storage_dtype} is not an option.", "Use storage_dtype=float32 or float16.")
+    layers = resolve_layer_names(model.module, list(dict.fromkeys(layers)))
+    geometry = patch_geometry(patch_cfg, model.input_size)
+    store = store_dir(run_cfg)
+    contents = {layer: activations_content(model, images, geometry, layer, run_cfg.storage_dtype) for layer in layers}
+    paths = {layer: activations_path(store, model, contents[layer]) for layer in layers}
+
+    todo = [layer for layer in layers if not is_complete(paths[layer], "activations", contents[layer])]
+    for layer in layers:
+        if layer not in todo:
+            console.reused("activations", paths[layer])
+    if not todo:
+        return paths
+
+    # One writer per artifact: take the locks in a fixed order (no deadlock between jobs asking for
+    # overlapping layer sets), then look again, since a job we waited for may have written them.
+    with contextlib.ExitStack() as locks:
+        for layer in sorted(todo, key=lambda name: str(paths[name])):
+            locks.enter_context(artifact_lock(paths[layer], on_wait=lambda holder, p=paths[layer]: console.say(
+                f"waiting for another rsvc job writing {p.name} ({(holder or {}).get('host', '?')}:{(holder or {}).get('pid', '?')})")))
+        todo = [layer for layer in todo if not is_complete(paths[layer], "activations", contents[layer])]
+        if todo:
+            _extract(model, images, geometry, todo, {l: paths[l] for l in todo}, {l: contents[l] for l in todo}, run_cfg)
+    return paths
+
+
+def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, contents, run_cfg) -> None:
+    from rsvc_cli.data.patches import PatchDataset
+    from rsvc_cli.models.hooks import LayerRecorder
+
+    device = resolve_device(run_cfg.device)
+    dtype = STORAGE_DTYPES[run_cfg.storage_dtype]
+    dataset = PatchDataset(images.source, images.image_index, model.input_size, model.mean, model.std,
+                           patch_size=geometry[0], stride=geometry[1], planting=images.planting, return_image=True)
+    n_images = len(images.image_index)
+    patches_per_image = dataset.n_patches
+    n_patches = n_images * patches_per_image
+    module = model.module.to(device).eval()
+    seeds = {"dataset.seed": images.identity["seed"]}
+
+    with contextlib.ExitStack() as stack:
+        writers = {l: stack.enter_context(ArtifactWriter(paths[l], "activations", contents[l], seeds=seeds, resume=True))
+                   for l in layers}
+        # Resume from the least advanced partial; rows past it are simply rewritten.
+        n_done = min(int(w.file.attrs.get("n_done_images", 0)) if w.resumed else 0 for w in writers.values())
+        if n_done:
+            console.say(f"resuming extraction at image {n_done}/{n_images}")
+        recorder = LayerRecorder(module, layers, token_reduce=model.token_reduce)
+        datasets = None
+        if n_done:
+            datasets = {l: writers[l].file["activations"] for l in layers}
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(n_done, n_images)), batch_size=int(run_cfg.batch_size),
+            shuffle=False, num_workers=int(run_cfg.num_workers), collate_fn=_collate)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run_cfg.autocast and device.type == "cuda"
+                    else contextlib.nullcontext())
+        bar = console.progress(n_patches, f"extract {model.label} [{', '.join(layers)}]", unit="patch",
+                               initial=n_done * patches_per_image)
+        start = n_done
+        try:
+            with torch.inference_mode(), recorder:
+                for patches, whole, _, boxes, squares in loader:
+                    b = whole.shape[0]
+                    with autocast:
+                        _, vectors = recorder(patches.to(device, non_blocking=True))
+                        logits = module(whole.to(device, non_blocking=True))
+                    predicted = logits.float().argmax(-1).cpu().numpy()
+                    if datasets is None:
+                        datasets = {l: _create_layout(writers[l].file, images, dataset, vectors[l].shape[-1], dtype)
+                                    for l in layers}
+                    rows = slice(start * patches_per_image, (start + b) * patches_per_image)
+                    for l in layers:
+                        f = writers[l].file
+                        datasets[l][rows] = vectors[l].float().cpu().numpy().astype(dtype)
+                        f["patch_box"][rows] = boxes.numpy().reshape(-1, 4)
+                        f["images/predicted_class"][start:start + b] = predicted
+                        f["images/square_box"][start:start + b] = squares.numpy()
+                        f.attrs["n_done_images"] = start + b
+                        f.flush()
+                        touch(paths[l])
+                    start += b
+                    bar.update(b * patches_per_image)
+        finally:
+            bar.close()
+        if n_images == 0:
+            raise RsvcError("No images were selected, so there is nothing to extract.",
+                            "Check dataset.classes and dataset.images_per_class.")
+        for l in layers:
+            f = writers[l].file
+            _finish_layout(f, images, patches_per_image)
+            console.wrote("activations", writers[l].commit())
+
+
+def _collate(items):
+    patches, whole, index, boxes, squares = zip(*items)
+    return (torch.cat(patches), torch.stack(whole), torch.as_tensor(index), torch.stack(boxes),
+            torch.stack(squares))
+
+
+def _create_layout(f, images: ImageSets, dataset, n_features: int, dtype) -> "h5py.Dataset":
+    n_images = len(images.image_index)
+    p = dataset.n_patches
+    n = n_images * p
+    rows_per_chunk = max(1, min(n, (1 << 20) // max(1, n_features * np.dtype(dtype).itemsize)))
+    acts = f.create_dataset("activations", shape=(n, n_features), dtype=dtype, chunks=(rows_per_chunk, n_features))
+    acts.attrs["dims"] = "patch,feature"
+    f.create_dataset("patch_box", shape=(n, 4), dtype=np.float32).attrs["dims"] = "patch,xyxy (original pixels)"
+    grp = f.create_group("images")
+    write_array(grp, "index", images.image_index, "image")
+    write_array(grp, "label", images.label, "image")
+    write_array(grp, "image_set", images.image_set, "image")
+    paths = [str(images.source.paths[int(i)]) for i in images.image_index]
+    write_array(grp, "path", np.array(paths, dtype=object).astype(str), "image")
+    grp.create_dataset("predicted_class", shape=(n_images,), dtype=np.int64).attrs["dims"] = "image"
+    grp.create_dataset("square_box", shape=(n_images, 4), dtype=np.float32).attrs["dims"] = "image,xyxy (NaN: none)"
+    write_array(f, "class_names", np.array(images.class_names, dtype=str), "class")
+    f.attrs["patches_per_image"] = p
+    return acts
+
+
+def _finish_layout(f, images: ImageSets, patches_per_image: int) -> None:
+    """Per-patch copies of the per-image columns, so readers index patches directly."""
+    per_patch = lambda values: np.repeat(np.asarray(values), patches_per_image, axis=0)  # noqa: E731
+    write_array(f, "image_row", per_patch(np.arange(len(images.image_index))), "patch")
+    write_array(f, "image_index", per_patch(images.image_index), "patch")
+    write_array(f, "label", per_patch(images.label), "patch")
+    write_array(f, "image_set", per_patch(images.image_set), "patch")
+    write_array(f, "predicted_class", per_patch(f["images/predicted_class"][()]), "patch")

@@ -1,0 +1,47 @@
+"""Artifact keys: the configuration that determines an artifact's numbers, hashed.
+
+An artifact's path is ``<store>/<kind>/<prefix>-<key16>.h5`` where ``key16`` is the first 16 hex
+digits of SHA-256 over the sorted-key JSON of its *content config*: everything that changes the
+numbers (model identity and checkpoint digest, image selection, patching, layer, method
+parameters, upstream keys) and nothing that does not (device, batch size, workers, absolute
+paths). Two runs that would compute the same numbers share one file; any change makes a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+KINDS = ("activations", "concepts", "regression", "scores", "importance", "checkpoints")
+
+
+def canonical_json(content: dict[str, Any]) -> str:
+    """JSON with sorted keys and no whitespace: the text that is hashed and stored."""
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), default=_jsonable)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON-serializable in an artifact key: {value!r}")
+
+
+def content_key(content: dict[str, Any]) -> str:
+    """Full SHA-256 hex digest of a content config."""
+    return hashlib.sha256(canonical_json(content).encode()).hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe readable prefix (``resnet50.a1_in1k`` -> ``resnet50.a1_in1k``, ``blocks/5`` -> ``blocks_5``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "artifact"
+
+
+def artifact_path(store: str | Path, kind: str, prefix: str, content: dict[str, Any]) -> Path:
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    return Path(store) / kind / f"{safe_name(prefix)}-{content_key(content)[:16]}.h5"
