@@ -51,7 +51,24 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
         if key in GROUP_ALIASES and (sep or prefix == "~"):
             body = GROUP_ALIASES[key] + sep + value
         out.append(prefix + body)
-    return out
+    return out + shared_extraction_overrides(out)
+
+
+def shared_extraction_overrides(overrides: list[str]) -> list[str]:
+    """A sweep over `layer1=a,b,c` records all of a, b, c in one pass of model 1 (likewise layer2).
+
+    Each job of the sweep then asks for the same layer set; the first one extracts it, the others
+    wait on the artifact locks and reuse it, so each model sees each image once per sweep.
+    """
+    keys = {item.partition("=")[0] for item in overrides}
+    extra = []
+    for n in ("1", "2"):
+        for item in overrides:
+            key, _, value = item.partition("=")
+            if key == f"layer{n}" and "," in value and not value.startswith(("[", "range(", "glob(", "choice(")) \
+                    and f"extract_layers{n}" not in keys:
+                extra.append(f"extract_layers{n}=[{value}]")
+    return extra
 
 
 def print_user_error(err: RsvcError) -> None:

@@ -16,25 +16,6 @@ DEFAULT_STORE = "${oc.env:RSVC_STORE,rsvc-store}"
 
 
 @dataclass
-class ModelConfig:
-    """A model: a built-in or timm name, or a torch module by import path, plus weights."""
-
-    name: str = "cifar_resnet20"
-    pretrained: bool = False
-    checkpoint: Optional[str] = None
-    # Import path "pkg.module.Class" (or "pkg.module:function") called with `kwargs`.
-    _target_: Optional[str] = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-    num_classes: Optional[int] = None
-    # ViT token outputs: the CLS token where the model has one, or the mean of patch tokens.
-    token_reduce: str = "cls"
-    # Preprocessing overrides; null = the model's own (timm pretrained config or built-in).
-    input_size: Optional[int] = None
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
-
-
-@dataclass
 class PlantingConfig:
     """A coloured square pasted on images (the planted-concept experiment)."""
 
@@ -56,6 +37,8 @@ class DatasetConfig:
     # Optional separate split for the evaluation set (e.g. the validation/test split).
     evaluation_root: Optional[str] = None
     classes: Optional[List[str]] = None
+    # Only the first N classes in sorted folder order (the authors: ImageNet classes 0-99).
+    first_classes: Optional[int] = None
     # Images drawn per class, split concept:regression:evaluation by `split` (authors: 100/200/200).
     images_per_class: Optional[int] = 500
     split: List[int] = field(default_factory=lambda: [1, 2, 2])
@@ -68,6 +51,41 @@ class DatasetConfig:
     planting: PlantingConfig = field(default_factory=PlantingConfig)
     _target_: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Weights made by `rsvc train` (cached in the store): fine-tune `checkpoint` or train from scratch."""
+
+    enabled: bool = False
+    dataset: DatasetConfig = field(default_factory=lambda: DatasetConfig())
+    epochs: int = 3
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    seed: int = 0
+    augment: bool = True  # random crop (pad 4 at 32 px) and horizontal flip
+
+
+@dataclass
+class ModelConfig:
+    """A model: a built-in or timm name, or a torch module by import path, plus weights."""
+
+    name: str = "cifar_resnet20"
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    # Import path "pkg.module.Class" (or "pkg.module:function") called with `kwargs`.
+    _target_: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    num_classes: Optional[int] = None
+    # ViT token outputs: the CLS token where the model has one, or the mean of patch tokens.
+    token_reduce: str = "cls"
+    # Preprocessing overrides; null = the model's own (timm pretrained config or built-in).
+    input_size: Optional[int] = None
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
@@ -108,7 +126,8 @@ class ImportanceConfig:
     steps: int = 30
     baseline: str = "zero"
     replacement_mix: float = 0.5
-    max_images_per_class: Optional[int] = None
+    # Evaluation patches per class that go through the network (IG costs `steps` passes each).
+    max_patches_per_class: int = 64
 
 
 @dataclass
@@ -140,6 +159,7 @@ class LayersConfig(RunConfig):
 @dataclass
 class InfoConfig(RunConfig):
     path: Optional[str] = None
+    clean: bool = False  # rsvc doctor: remove orphaned partials, stale locks, broken files
 
 
 @dataclass
@@ -173,6 +193,11 @@ class PairConfig(RunConfig):
 
 
 @dataclass
+class TrainStageConfig(RunConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
 class SummarizeConfig(RunConfig):
     out: Optional[str] = None
 
@@ -186,5 +211,6 @@ def register_configs() -> None:
         "decompose_schema": DecomposeConfig,
         "pair_schema": PairConfig,
         "summarize_schema": SummarizeConfig,
+        "train_schema": TrainStageConfig,
     }.items():
         cs.store(name=name, node=node)

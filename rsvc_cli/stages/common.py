@@ -69,16 +69,39 @@ class ModelHandle:
         return self.identity["name"]
 
 
-def load_model(model_cfg) -> ModelHandle:
+def load_model(model_cfg, run_cfg=None) -> ModelHandle:
+    """The model with its weights; `model.train.enabled` weights are trained (or reused) first."""
+    if model_cfg.train.enabled:
+        from rsvc_cli.stages.train import ensure_trained
+
+        if run_cfg is None:
+            raise ValueError("a trained model needs the run settings (store, device)")
+        from rsvc_cli.store.keys import content_key
+
+        checkpoint, content = ensure_trained(model_cfg, run_cfg)
+        handle = load_untrained_model(model_cfg, checkpoint=str(checkpoint))
+        # Keyed by what made the weights, so a retrain that gives the same file changes nothing downstream.
+        handle.identity["weights"] = "trained:" + content_key(content)
+        return handle
+    return load_untrained_model(model_cfg)
+
+
+def load_untrained_model(model_cfg, checkpoint: str | None = None, init_seed: int = 0) -> ModelHandle:
+    """The model as `model_cfg` describes it, ignoring `model.train` (`checkpoint` overrides model.checkpoint)."""
     from rsvc_cli.models.registry import make_model
 
     m = to_plain(model_cfg)
+    m.pop("train", None)
+    if checkpoint is not None:
+        m["checkpoint"] = checkpoint
     if m.get("token_reduce") not in ("cls", "mean"):
         raise RsvcError(f"model.token_reduce={m.get('token_reduce')} is not an option.",
                         "Use model.token_reduce=cls (the CLS token where the model has one) or model.token_reduce=mean.")
     checkpoint = m.get("checkpoint")
     if checkpoint is not None:
         checkpoint = str(Path(checkpoint).expanduser())
+    # Weights that come from no file are the architecture's initialization: make it reproducible.
+    torch.manual_seed(init_seed)
     loaded = make_model(m["name"], pretrained=bool(m.get("pretrained")), checkpoint=checkpoint,
                         target=m.get("_target_"), num_classes=m.get("num_classes"), kwargs=m.get("kwargs") or {})
     dc = loaded.data_config
@@ -93,6 +116,7 @@ def load_model(model_cfg) -> ModelHandle:
         # Weights: the checkpoint's digest, or the pretrained tag; random init is seeded by nothing we
         # control, so it is keyed by a digest of the initial parameters instead.
         "weights": loaded.checkpoint_digest or ("pretrained" if m.get("pretrained") else parameter_digest(loaded.module)),
+        "init_seed": init_seed if not (loaded.checkpoint_digest or m.get("pretrained")) else None,
         "input_size": input_size,
         "mean": list(mean),
         "std": list(std),
@@ -174,7 +198,10 @@ def make_source(d: dict):
         if not root:
             raise RsvcError("dataset=imagefolder needs the folder of class sub-folders.",
                             "Set dataset.root=DIR (one sub-folder of images per class, the ImageNet layout).")
-        return ImageFolderSource(root, classes=d.get("classes"))
+        classes = d.get("classes")
+        if d.get("first_classes") and not classes:
+            classes = ImageFolderSource(root).class_names[: int(d["first_classes"])]
+        return ImageFolderSource(root, classes=classes)
     raise RsvcError(f"dataset.name={name} is not a dataset rsvc knows.",
                     "Use dataset=imagefolder dataset.root=DIR, dataset=synthetic, or dataset._target_=pkg.module.Factory.")
 
@@ -203,7 +230,7 @@ def source_identity(d: dict, source, image_index: np.ndarray) -> dict:
 def make_planting(p: dict, class_names: list[str]):
     if not p or not p.get("enabled"):
         return None
-    from rsvc_cli.data.planting import SquarePlanting
+    from rsvc_cli.data.planting import Planting
 
     unknown = sorted(set(p.get("class_probability") or {}) - set(class_names))
     if unknown:
@@ -211,8 +238,8 @@ def make_planting(p: dict, class_names: list[str]):
                         f"Use class names from: {', '.join(class_names[:20])}.")
     probability = [float((p.get("class_probability") or {}).get(c, p.get("default_probability", 0.0)))
                    for c in class_names]
-    return SquarePlanting(color=tuple(p.get("color") or (255, 0, 255)), size=int(p.get("size", 4)),
-                          class_probability=probability, seed=int(p.get("seed", 0)))
+    return Planting(color=tuple(p.get("color") or (255, 0, 255)), size=int(p.get("size", 4)),
+                    class_probability=probability, seed=int(p.get("seed", 0)))
 
 
 def planting_identity(p: dict) -> dict | None:
@@ -238,3 +265,42 @@ def activations_content(model: ModelHandle, images: ImageSets, patch: tuple, lay
 
 def activations_path(store: Path, model: ModelHandle, content: dict) -> Path:
     return artifact_path(store, "activations", f"{model.label}-{content['layer']}", content)
+
+
+def produce(store: Path, kind: str, prefix: str, content: dict, write, seeds: dict | None = None) -> Path:
+    """Return the complete artifact for `content`, computing it with `write(h5file)` if needed.
+
+    One writer per artifact (a lock), a re-check after waiting, and an atomic commit: a job that
+    waited for another one simply reuses what it wrote.
+    """
+    from rsvc_cli import console
+    from rsvc_cli.store.artifact import ArtifactWriter, is_complete
+    from rsvc_cli.store.lock import artifact_lock
+
+    path = artifact_path(store, kind, prefix, content)
+    if is_complete(path, kind, content):
+        console.reused(kind, path)
+        return path
+    with artifact_lock(path, on_wait=lambda holder: console.say(f"waiting for another rsvc job writing {path.name}")):
+        if is_complete(path, kind, content):
+            console.reused(kind, path)
+            return path
+        with ArtifactWriter(path, kind, content, seeds=seeds) as writer:
+            write(writer.file)
+            writer.commit()
+    console.wrote(kind, path)
+    return path
+
+
+def check_finite(array, what: str) -> None:
+    """NaN or inf in activations make every downstream number meaningless: stop early and say where."""
+    import numpy as _np
+
+    bad = ~_np.isfinite(array)
+    if bad.any():
+        rows = _np.unique(_np.nonzero(bad)[0])
+        raise RsvcError(f"{what} contain {int(bad.sum())} NaN or infinite values (in {len(rows)} patches, "
+                        f"first at row {int(rows[0])}).",
+                        "Check the checkpoint and the input normalization (model.mean/model.std); with "
+                        "autocast=true try autocast=false or storage_dtype=float32, then delete that activations "
+                        "artifact and rerun.")

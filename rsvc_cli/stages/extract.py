@@ -34,7 +34,7 @@ STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def run(cfg) -> dict[str, Path]:
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg)
     images = load_image_sets(cfg.dataset)
     return extract_layers(model, images, cfg.patch, list(cfg.layers), cfg)
 

@@ -1,0 +1,108 @@
+"""rsvc collage: top / over / under image grids for every concept of both models (method step 8).
+
+For concept k of model m on the evaluation patches, with t its true coefficients and p the other
+model's prediction (e = t - p), at most one patch per source image:
+- top: the largest t (what the concept is);
+- over: the most negative e (the other model predicts the concept where it is absent);
+- under: the most positive e among patches whose t is below the smallest t of the top set.
+Tiles are cropped from the original image at the stored patch box. PNGs go to the comparison's
+folder under `<store>/reports/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rsvc_cli import console
+from rsvc_cli.stages.common import store_dir
+from rsvc_cli.stages.decompose import read_activations
+from rsvc_cli.stages.regress import prepare_pair, read_regression, regress, regression_content, regression_params
+from rsvc_cli.stages.score import CROSS, score
+
+COLLAGE_KINDS = ("top", "over", "under")
+
+
+def run(cfg) -> dict:
+    pair = prepare_pair(cfg)
+    result = score(pair, cfg, regress(pair, cfg))
+    return collage(pair, cfg, result)
+
+
+def comparison_dir(cfg, result: dict) -> Path:
+    """One folder per comparison, named like its scores artifact."""
+    return store_dir(cfg) / "reports" / result["path"].stem
+
+
+def original_image(images, image_index: int, square_box=None):
+    """The original image as the models saw it, planted square included (painted at its recorded box)."""
+    image = images.source.load_image(int(image_index))
+    if square_box is not None and np.all(np.isfinite(square_box)):
+        from rsvc_cli.data.planting import paint_box
+
+        image = paint_box(image, square_box, images.planting.color if images.planting else (255, 0, 255))
+    return image
+
+
+def collage(pair, cfg, result: dict) -> dict:
+    """Write every concept's grids (and heatmap of its best image); return {(class, owner, k): {kind: rel path}}."""
+    from rsvc_cli.viz.collage import concept_heatmap, make_concept_collages
+
+    out = comparison_dir(cfg, result)
+    reg_content = regression_content(pair, regression_params(cfg), str(cfg.dataset.group_by))
+    reg = read_regression(result["regression_path"], reg_content)
+    acts = read_activations(*pair.activations1)
+    index_of_image_row = np.zeros(len(acts.square_box), dtype=np.int64)
+    index_of_image_row[acts.image_row] = acts.image_index
+    square_of_image = dict(zip(index_of_image_row.tolist(), acts.square_box))
+    cache: dict[int, object] = {}
+
+    def get_image(index: int):
+        if index not in cache:
+            cache[index] = original_image(pair.images, index, square_of_image.get(index))
+        return cache[index]
+
+    written = {}
+    n_total = sum(2 * reg.classes[name]["coefficients1_evaluation"].shape[1] for name in reg.classes)
+    bar = console.progress(n_total, "collages", unit="concept")
+    for name, entry in reg.classes.items():
+        rows = entry["evaluation_rows"]
+        boxes, image_index = acts.patch_box[rows], acts.image_index[rows]
+        for owner in (1, 2):
+            true = entry[f"coefficients{owner}_evaluation"]
+            predicted = entry[CROSS[owner]]["evaluation_prediction"]
+            similarity = result["classes"][name]["similarity"]
+            for k in range(true.shape[1]):
+                title = (f"{name} · model{owner} concept {k} · {CROSS[owner]} "
+                         f"{_fmt(similarity[CROSS[owner]][k])} (self {_fmt(similarity[f'{owner}->{owner}'][k])})")
+                grids = make_concept_collages(get_image, boxes, image_index, true[:, k], predicted[:, k], title,
+                                              n_tiles=int(cfg.n_tiles))
+                paths = {}
+                for kind, image in grids.items():
+                    rel = Path("collages") / _slug(name) / f"model{owner}_concept{k}_{kind}.png"
+                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                    image.save(out / rel)
+                    paths[kind] = str(rel)
+                if len(rows):
+                    best = int(image_index[int(np.nanargmax(np.where(np.isfinite(true[:, k]), true[:, k], -np.inf)))])
+                    on_best = image_index == best
+                    heat = concept_heatmap(get_image(best), boxes[on_best], true[on_best, k])
+                    rel = Path("collages") / _slug(name) / f"model{owner}_concept{k}_heatmap.png"
+                    heat.save(out / rel)
+                    paths["heatmap"] = str(rel)
+                written[(name, f"model{owner}", k)] = paths
+                bar.update(1)
+    bar.close()
+    console.say(f"collages: {out / 'collages'}")
+    return written
+
+
+def _fmt(value) -> str:
+    return "undefined" if value is None or not np.isfinite(value) else f"{value:.2f}"
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)) or "class"

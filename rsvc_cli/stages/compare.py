@@ -1,0 +1,31 @@
+"""rsvc compare: every stage for one model pair and layer pair, reusing what the store has.
+
+extract (both models, all layers the sweep needs, one pass each) -> decompose (both) ->
+regress -> score -> importance -> collage -> report. Ends with the summary tables, the
+machine-readable results table (CSV, one row per class x concept x direction) next to the
+scores artifact, and the report's path.
+"""
+
+from __future__ import annotations
+
+from rsvc_cli import console
+from rsvc_cli.stages import collage as collage_stage
+from rsvc_cli.stages import importance as importance_stage
+from rsvc_cli.stages import report as report_stage
+from rsvc_cli.stages.regress import prepare_pair, regress
+from rsvc_cli.stages.score import score, write_results_table
+
+
+def run(cfg) -> dict:
+    pair = prepare_pair(cfg)
+    result = score(pair, cfg, regress(pair, cfg))
+    if cfg.importance.enabled:
+        result["importance"] = importance_stage.importance(pair, cfg, result)
+    extra = importance_stage.table_columns(result.get("importance"))
+    result["collages"] = collage_stage.collage(pair, cfg, result)
+    result["table"] = write_results_table(result["path"].with_suffix(".csv"), result, extra_columns=extra)
+    if cfg.report:
+        result["report"] = report_stage.report(pair, cfg, result)
+        console.say(f"[bold]report:[/bold] {result['report']}")
+    console.say(f"results table: {result['table']}")
+    return result

@@ -1,0 +1,194 @@
+"""rsvc decompose: concepts of one model's layer, per class (method step 3).
+
+For every class, the concept set's activations A (patches x features) are factorized
+A ~ U W: W (n_concepts x features) is the class's `concept_basis`, U >= 0 its coefficients.
+Classes with the same number of patches are fitted together in one batched solve.
+Coefficients of any other patches are computed later against the stored basis (NNLS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsvc_cli.errors import RsvcError
+from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
+from rsvc_cli.stages.common import (
+    ImageSets,
+    ModelHandle,
+    activations_content,
+    check_finite,
+    load_image_sets,
+    load_model,
+    patch_geometry,
+    produce,
+    resolve_device,
+    store_dir,
+    to_plain,
+)
+
+CONCEPT_SET, REGRESSION_SET, EVALUATION_SET = 0, 1, 2
+ALL_CLASSES = "__all__"
+
+
+def run(cfg) -> Path:
+    model = load_model(cfg.model, cfg)
+    images = load_image_sets(cfg.dataset)
+    return decompose(model, images, cfg, layer=str(cfg.layer))
+
+
+@dataclass
+class Activations:
+    """One activations artifact in memory."""
+
+    values: np.ndarray  # (n_patches, n_features) float32
+    image_row: np.ndarray  # (n_patches,) row in the image table (the source image of the patch)
+    image_set: np.ndarray
+    label: np.ndarray
+    predicted_class: np.ndarray
+    patch_box: np.ndarray
+    image_index: np.ndarray
+    class_names: list[str]
+    square_box: np.ndarray  # per image
+    image_path: list[str]
+
+
+def read_activations(path: Path, content: dict) -> Activations:
+    with open_artifact(path, "activations", content) as f:
+        return Activations(values=f["activations"][()].astype(np.float32), image_row=f["image_row"][()],
+                           image_set=f["image_set"][()], label=f["label"][()],
+                           predicted_class=f["predicted_class"][()], patch_box=f["patch_box"][()],
+                           image_index=f["image_index"][()], class_names=read_strings(f["class_names"]),
+                           square_box=f["images/square_box"][()], image_path=read_strings(f["images/path"]))
+
+
+def activations_for(model: ModelHandle, images: ImageSets, cfg, layer: str, extra_layers=()) -> tuple[Path, dict]:
+    """The activations artifact of (model, layer), extracted now (with `extra_layers`, same pass) if missing."""
+    from rsvc_cli.stages.extract import extract_layers
+
+    paths = extract_layers(model, images, cfg.patch, [layer, *extra_layers], cfg)
+    geometry = patch_geometry(cfg.patch, model.input_size)
+    return paths[layer], activations_content(model, images, geometry, layer, cfg.storage_dtype)
+
+
+def decomposition_params(cfg) -> dict:
+    d = to_plain(cfg.decomposition)
+    return {k: d[k] for k in ("method", "n_concepts", "init", "max_iter", "tol", "seed", "signed", "per_class")}
+
+
+def concepts_content(act_content: dict, decomposition: dict, group_by: str) -> dict:
+    return {"kind": "concepts", "activations": act_content, "decomposition": decomposition, "group_by": group_by}
+
+
+def class_of_patch(acts: Activations, group_by: str) -> np.ndarray:
+    """The class each patch is grouped under for fitting concepts: its label, or the model's prediction."""
+    if group_by == "label":
+        return acts.label
+    if group_by == "predicted":
+        return acts.predicted_class
+    raise RsvcError(f"dataset.group_by={group_by} is not an option.", "Use dataset.group_by=label or dataset.group_by=predicted.")
+
+
+def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activations=None) -> Path:
+    act_path, act_content = activations if activations is not None else activations_for(model, images, cfg, layer)
+    params = decomposition_params(cfg)
+    group_by = str(cfg.dataset.group_by)
+    content = concepts_content(act_content, params, group_by)
+    device = resolve_device(cfg.device)
+
+    def write(f):
+        acts = read_activations(act_path, act_content)
+        check_finite(acts.values, f"The activations of {model.label} at {layer}")
+        fitted = fit_concepts(acts, params, group_by, device)
+        f.attrs["per_class"] = bool(params["per_class"])
+        f.attrs["signed"] = params["signed"]
+        write_array(f, "class_names", np.array(acts.class_names, dtype=str), "class")
+        for name, result in fitted.items():
+            g = f.create_group(f"classes/{name}")
+            write_array(g, "concept_basis", result["concept_basis"], "concept,feature")
+            write_array(g, "coefficients", result["coefficients"], "patch,concept")
+            write_array(g, "rows", result["rows"], "patch (rows of the activations artifact)")
+            g.attrs["reconstruction_error"] = float(result["reconstruction_error"])
+            g.attrs["relative_reconstruction_error"] = float(result["relative_reconstruction_error"])
+
+    prefix = f"{model.label}-{layer}-{params['method']}{params['n_concepts']}"
+    return produce(store_dir(cfg), "concepts", prefix, content, write, seeds={"decomposition.seed": params["seed"]})
+
+
+def prepare_activations(values: np.ndarray, method: str, signed: str) -> np.ndarray:
+    """The declared treatment of negative activations (clamp, split, or an error for plain NMF)."""
+    from rsvc_cli.algorithms.decomposition import apply_sign_treatment
+
+    if method != "nmf":
+        return values
+    return apply_sign_treatment(torch.from_numpy(values), signed).numpy()
+
+
+def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.device) -> dict[str, dict]:
+    from rsvc_cli.algorithms.decomposition import make_decomposition
+
+    values = prepare_activations(acts.values, params["method"], params["signed"])
+    classes = class_of_patch(acts, group_by)
+    concept_rows = acts.image_set == CONCEPT_SET
+    if params["per_class"]:
+        groups = {name: np.nonzero(concept_rows & (classes == c))[0] for c, name in enumerate(acts.class_names)}
+        groups = {name: rows for name, rows in groups.items() if len(rows)}
+    else:
+        groups = {ALL_CLASSES: np.nonzero(concept_rows)[0]}
+    k = int(params["n_concepts"])
+    for name, rows in groups.items():
+        if len(rows) < k:
+            raise RsvcError(f"Class '{name}' has {len(rows)} concept-set patches, fewer than the {k} concepts asked for.",
+                            f"Lower decomposition.n_concepts (at most {len(rows)}) or raise dataset.images_per_class.")
+    results = {}
+    # Classes with equally many patches are stacked and fitted in one batched solve.
+    by_size: dict[int, list[str]] = {}
+    for name, rows in groups.items():
+        by_size.setdefault(len(rows), []).append(name)
+    for names in by_size.values():
+        batch = torch.from_numpy(np.stack([values[groups[n]] for n in names])).to(device, torch.float64)
+        estimator = make_decomposition(params["method"], n_concepts=k, init=params["init"], max_iter=params["max_iter"],
+                                       tol=params["tol"], seed=params["seed"])
+        estimator.fit(batch)
+        basis = estimator.concept_basis_.detach().cpu().numpy()
+        coefficients = estimator.coefficients_.detach().cpu().numpy()
+        errors = np.atleast_1d(torch.as_tensor(estimator.reconstruction_error_).cpu().numpy())
+        norms = torch.linalg.matrix_norm(batch).cpu().numpy()
+        for i, name in enumerate(names):
+            results[name] = {"concept_basis": basis[i].astype(np.float32), "coefficients": coefficients[i].astype(np.float32),
+                             "rows": groups[name], "reconstruction_error": errors[i],
+                             "relative_reconstruction_error": errors[i] / max(norms[i], 1e-30)}
+    return results
+
+
+@dataclass
+class Concepts:
+    class_names: list[str]
+    per_class: bool
+    signed: str
+    method: str
+    concept_basis: dict[str, np.ndarray]
+
+    def basis_of(self, name: str) -> np.ndarray:
+        return self.concept_basis[name if self.per_class else ALL_CLASSES]
+
+
+def read_concepts(path: Path, content: dict) -> Concepts:
+    with open_artifact(path, "concepts", content) as f:
+        bases = {name: g["concept_basis"][()] for name, g in f["classes"].items()}
+        return Concepts(class_names=read_strings(f["class_names"]), per_class=bool(f.attrs["per_class"]),
+                        signed=str(f.attrs["signed"]), method=content["decomposition"]["method"], concept_basis=bases)
+
+
+def coefficients_of(values: np.ndarray, concept_basis: np.ndarray, method: str, signed: str, device) -> np.ndarray:
+    """Coefficients of patches against a stored basis: exact NNLS (PCA: projection; k-means: nearest centroid)."""
+    from rsvc_cli.algorithms.decomposition import make_decomposition
+
+    values = prepare_activations(values, method, signed)
+    estimator = make_decomposition(method, n_concepts=concept_basis.shape[0])
+    A = torch.from_numpy(values).to(device, torch.float64)
+    W = torch.from_numpy(concept_basis).to(device, torch.float64)
+    return estimator.transform_with_basis(A, W).cpu().numpy()

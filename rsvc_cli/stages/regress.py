@@ -1,0 +1,205 @@
+"""rsvc regress: can one model's activations predict the other's concept coefficients? (method step 4)
+
+Per class, on the regression set: the coefficients of both models' concepts (NNLS against the
+stored bases), then four cross-validated regressions, each batched over classes, folds and
+concepts: "2->1" (model 2's activations predict model 1's concepts), "1->2", and the self
+baselines "1->1", "2->2". Folds are grouped by source image; standardization statistics come
+from the training folds only. The five fold models also predict the evaluation set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from rsvc_cli.errors import RsvcError
+from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
+from rsvc_cli.stages.common import ImageSets, load_image_sets, load_model, produce, resolve_device, store_dir, to_plain
+from rsvc_cli.stages.decompose import (
+    EVALUATION_SET,
+    REGRESSION_SET,
+    Activations,
+    activations_for,
+    coefficients_of,
+    concepts_content,
+    decompose,
+    decomposition_params,
+    read_activations,
+    read_concepts,
+)
+
+# direction -> (predictor model, concept owner). "2->1": model 2 predicts model 1's concepts.
+DIRECTIONS = {"2->1": (2, 1), "1->2": (1, 2), "1->1": (1, 1), "2->2": (2, 2)}
+
+
+def direction_group(direction: str) -> str:
+    return direction.replace("->", "to")
+
+
+@dataclass
+class Pair:
+    """Everything upstream of a pair's regression: models, image sets, artifacts and their contents."""
+
+    model1: object
+    model2: object
+    images: ImageSets
+    layer1: str
+    layer2: str
+    activations1: tuple
+    activations2: tuple
+    concepts1: tuple
+    concepts2: tuple
+
+
+def prepare_pair(cfg) -> Pair:
+    """Load both models and make sure their activations and concepts are in the store."""
+    model1, model2 = load_model(cfg.model1, cfg), load_model(cfg.model2, cfg)
+    images = load_image_sets(cfg.dataset)
+    layer1, layer2 = str(cfg.layer1), str(cfg.layer2)
+    # Every layer a sweep needs from a model is recorded in one pass (extract_layers1/2).
+    acts1 = activations_for(model1, images, cfg, layer1, extra_layers=list(cfg.extract_layers1))
+    acts2 = activations_for(model2, images, cfg, layer2, extra_layers=list(cfg.extract_layers2))
+    group_by = str(cfg.dataset.group_by)
+    params = decomposition_params(cfg)
+    c1 = (decompose(model1, images, cfg, layer1, activations=acts1), concepts_content(acts1[1], params, group_by))
+    c2 = (decompose(model2, images, cfg, layer2, activations=acts2), concepts_content(acts2[1], params, group_by))
+    return Pair(model1, model2, images, layer1, layer2, acts1, acts2, c1, c2)
+
+
+def regression_params(cfg) -> dict:
+    r = to_plain(cfg.regression)
+    return {k: r[k] for k in ("method", "alpha", "n_folds", "seed", "max_iter", "tol")}
+
+
+def regression_content(pair: Pair, params: dict, group_by: str) -> dict:
+    return {"kind": "regression", "concepts1": pair.concepts1[1], "concepts2": pair.concepts2[1],
+            "regression": params, "group_by": group_by}
+
+
+def run(cfg) -> Path:
+    return regress(prepare_pair(cfg), cfg)
+
+
+def check_aligned(a1: Activations, a2: Activations, label1: str, label2: str) -> None:
+    """Both models must have seen exactly the same patches in the same order."""
+    same = (len(a1.image_index) == len(a2.image_index) and np.array_equal(a1.image_index, a2.image_index)
+            and np.allclose(a1.patch_box, a2.patch_box, atol=1e-3))
+    if not same:
+        raise RsvcError(f"The activations of {label1} and {label2} come from different patches or image orders, "
+                        "so their concepts cannot be compared patch by patch.",
+                        "Use the same dataset and patch settings for both models (patch boxes are in original pixels, "
+                        "so both models need the same patch.size/stride relative to their input sizes), "
+                        "or delete the mismatched activations artifacts and rerun.")
+
+
+def comparison_rows(a1: Activations, a2: Activations, class_index: int, image_set: int, group_by: str) -> np.ndarray:
+    """Rows of class c in an image set: by label, or the union of both models' predicted sets (the authors)."""
+    in_set = a1.image_set == image_set
+    if group_by == "label":
+        return np.nonzero(in_set & (a1.label == class_index))[0]
+    return np.nonzero(in_set & ((a1.predicted_class == class_index) | (a2.predicted_class == class_index)))[0]
+
+
+def regressor_for(params: dict):
+    from rsvc_cli.algorithms.regression import Lasso, LinearRegression, Ridge
+
+    method = params["method"]
+    if method == "lasso":
+        return Lasso(alpha=float(params["alpha"]), max_iter=int(params["max_iter"]), tol=float(params["tol"]))
+    if method == "ridge":
+        return Ridge(alpha=float(params["alpha"]))
+    if method == "linear":
+        return LinearRegression()
+    raise RsvcError(f"regression.method={method} is not an option.", "Use regression=lasso, regression=ridge or regression=linear.")
+
+
+def regress(pair: Pair, cfg) -> Path:
+    from rsvc_cli.algorithms.regression import cross_validate, grouped_kfold
+
+    params = regression_params(cfg)
+    if int(params["n_folds"]) < 2:
+        raise RsvcError(f"regression.n_folds={params['n_folds']} leaves nothing to hold out.", "Use regression.n_folds=2 or more (the authors: 5).")
+    group_by = str(cfg.dataset.group_by)
+    content = regression_content(pair, params, group_by)
+    device = resolve_device(cfg.device)
+
+    def write(f):
+        a1 = read_activations(*pair.activations1)
+        a2 = read_activations(*pair.activations2)
+        check_aligned(a1, a2, f"{pair.model1.label} ({pair.layer1})", f"{pair.model2.label} ({pair.layer2})")
+        c1, c2 = read_concepts(*pair.concepts1), read_concepts(*pair.concepts2)
+        acts = {1: a1, 2: a2}
+        concepts = {1: c1, 2: c2}
+        write_array(f, "class_names", np.array(a1.class_names, dtype=str), "class")
+        regressor = regressor_for(params)
+        # Per class: rows and true coefficients of both models on both sets.
+        per_class = {}
+        for c, name in enumerate(a1.class_names):
+            if name not in c1.concept_basis and c1.per_class:
+                continue
+            rows_reg = comparison_rows(a1, a2, c, REGRESSION_SET, group_by)
+            rows_eval = comparison_rows(a1, a2, c, EVALUATION_SET, group_by)
+            n_images = len(np.unique(a1.image_row[rows_reg]))
+            if n_images < int(params["n_folds"]):
+                raise RsvcError(f"Class '{name}' has {n_images} regression-set images, fewer than the "
+                                f"{params['n_folds']} folds.", "Raise dataset.images_per_class or lower regression.n_folds.")
+            true = {}
+            for m in (1, 2):
+                basis = concepts[m].basis_of(name)
+                true[m, "regression"] = coefficients_of(acts[m].values[rows_reg], basis, concepts[m].method, concepts[m].signed, device)
+                true[m, "evaluation"] = coefficients_of(acts[m].values[rows_eval], basis, concepts[m].method, concepts[m].signed, device)
+            folds = grouped_kfold(torch.from_numpy(a1.image_row[rows_reg]), n_folds=int(params["n_folds"]),
+                                  seed=int(params["seed"])).numpy()
+            per_class[name] = {"rows_reg": rows_reg, "rows_eval": rows_eval, "true": true, "folds": folds}
+            g = f.create_group(f"classes/{name}")
+            write_array(g, "regression_rows", rows_reg, "patch")
+            write_array(g, "evaluation_rows", rows_eval, "patch")
+            write_array(g, "fold", folds, "patch")
+            for m in (1, 2):
+                write_array(g, f"coefficients{m}_regression", true[m, "regression"].astype(np.float32), "patch,concept")
+                write_array(g, f"coefficients{m}_evaluation", true[m, "evaluation"].astype(np.float32), "patch,concept")
+        # One batched cross-validated solve per direction and per group of equally sized classes.
+        for direction, (predictor, owner) in DIRECTIONS.items():
+            by_size: dict[tuple, list[str]] = {}
+            for name, pc in per_class.items():
+                by_size.setdefault((len(pc["rows_reg"]), len(pc["rows_eval"])), []).append(name)
+            for names in by_size.values():
+                X = np.stack([acts[predictor].values[per_class[n]["rows_reg"]] for n in names])
+                Y = np.stack([per_class[n]["true"][owner, "regression"] for n in names])
+                folds = np.stack([per_class[n]["folds"] for n in names])
+                X_eval = np.stack([acts[predictor].values[per_class[n]["rows_eval"]] for n in names])
+                to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.float64)  # noqa: E731
+                cv = cross_validate(to(X), to(Y), torch.from_numpy(folds).to(device), regressor)
+                held_out = cv.held_out_prediction.cpu().numpy()
+                evaluation = cv.predict(to(X_eval)).cpu().numpy() if X_eval.shape[1] else np.zeros((len(names), 0, Y.shape[-1]))
+                for i, name in enumerate(names):
+                    g = f.require_group(f"classes/{name}/{direction_group(direction)}")
+                    g.attrs["direction"] = direction
+                    write_array(g, "held_out_prediction", held_out[i].astype(np.float32), "patch,concept")
+                    write_array(g, "evaluation_prediction", evaluation[i].astype(np.float32), "patch,concept")
+
+    prefix = f"{pair.model1.label}-{pair.layer1}-vs-{pair.model2.label}-{pair.layer2}-{params['method']}"
+    return produce(store_dir(cfg), "regression", prefix, content, write, seeds={"regression.seed": params["seed"]})
+
+
+@dataclass
+class RegressionResult:
+    class_names: list[str]
+    classes: dict  # name -> dict of arrays (see regress)
+
+
+def read_regression(path: Path, content: dict) -> RegressionResult:
+    with open_artifact(path, "regression", content) as f:
+        classes = {}
+        for name, g in f["classes"].items():
+            entry = {key: g[key][()] for key in g if isinstance(g[key], h5py.Dataset)}
+            for direction in DIRECTIONS:
+                sub = g.get(direction_group(direction))
+                if sub is not None:
+                    entry[direction] = {key: sub[key][()] for key in sub}
+            classes[name] = entry
+        return RegressionResult(class_names=read_strings(f["class_names"]), classes=classes)

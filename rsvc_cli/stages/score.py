@@ -1,0 +1,166 @@
+"""rsvc score: per-concept similarity and the layer-level summaries (method steps 5 and 9).
+
+For every class and direction, the similarity of a concept is the Pearson correlation between
+its true coefficients and the cross-fitted prediction on the evaluation set (or, with
+`regression.evaluation=crossval`, on the held-out folds of the regression set). Pearson is NaN
+where undefined (a constant column): reported as undefined, never as 0. Also: the k x k
+concept-correlation table between the two models on common patches with its mean row and
+column maxima, and debiased linear CKA between the two layers.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsvc_cli import console
+from rsvc_cli.errors import RsvcError
+from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
+from rsvc_cli.stages.common import produce, resolve_device, store_dir
+from rsvc_cli.stages.decompose import read_activations
+from rsvc_cli.stages.regress import DIRECTIONS, direction_group, prepare_pair, read_regression, regress, regression_content, regression_params
+
+OWNER = {direction: owner for direction, (_, owner) in DIRECTIONS.items()}
+SELF = {1: "1->1", 2: "2->2"}
+CROSS = {1: "2->1", 2: "1->2"}
+
+
+def run(cfg) -> dict:
+    pair = prepare_pair(cfg)
+    return score(pair, cfg, regress(pair, cfg))
+
+
+def scores_content(reg_content: dict, evaluation: str) -> dict:
+    return {"kind": "scores", "regression": reg_content, "evaluation": evaluation}
+
+
+def score(pair, cfg, regression_path: Path) -> dict:
+    from rsvc_cli.algorithms.metrics import concept_correlation, linear_cka, mean_max_correlation, pearson
+
+    evaluation = str(cfg.regression.evaluation)
+    if evaluation not in ("heldout", "crossval"):
+        raise RsvcError(f"regression.evaluation={evaluation} is not an option.",
+                        "Use regression.evaluation=heldout (the evaluation set) or crossval (held-out folds of the regression set).")
+    group_by = str(cfg.dataset.group_by)
+    reg_content = regression_content(pair, regression_params(cfg), group_by)
+    content = scores_content(reg_content, evaluation)
+    device = resolve_device(cfg.device)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.float64)  # noqa: E731
+
+    def write(f):
+        reg = read_regression(regression_path, reg_content)
+        a1 = read_activations(*pair.activations1)
+        a2 = read_activations(*pair.activations2)
+        write_array(f, "class_names", np.array(reg.class_names, dtype=str), "class")
+        f.attrs["evaluation"] = evaluation
+        for name, entry in reg.classes.items():
+            g = f.create_group(f"classes/{name}")
+            rows = entry["evaluation_rows"] if evaluation == "heldout" else entry["regression_rows"]
+            suffix = "evaluation" if evaluation == "heldout" else "regression"
+            prediction_key = "evaluation_prediction" if evaluation == "heldout" else "held_out_prediction"
+            for direction, owner in OWNER.items():
+                true = entry[f"coefficients{owner}_{suffix}"]
+                predicted = entry[direction][prediction_key]
+                similarity = pearson(t(true), t(predicted), dim=-2).cpu().numpy()
+                sub = g.create_group(direction_group(direction))
+                sub.attrs["direction"] = direction
+                write_array(sub, "similarity", similarity, "concept")
+            u1, u2 = entry[f"coefficients1_{suffix}"], entry[f"coefficients2_{suffix}"]
+            table = concept_correlation(t(u1), t(u2)).cpu().numpy()
+            row_max, col_max = mean_max_correlation(torch.from_numpy(table))
+            write_array(g, "concept_correlation", table, "concept1,concept2")
+            g.attrs["mean_max_correlation_1"] = float(row_max)
+            g.attrs["mean_max_correlation_2"] = float(col_max)
+            g.attrs["cka"] = float(linear_cka(t(a1.values[rows]), t(a2.values[rows]), debiased=True))
+            g.attrs["n_patches"] = len(rows)
+
+    prefix = f"{pair.model1.label}-{pair.layer1}-vs-{pair.model2.label}-{pair.layer2}"
+    path = produce(store_dir(cfg), "scores", prefix, content, write)
+    result = read_scores(path, content)
+    result["path"] = path
+    result["regression_path"] = regression_path
+    result["pair"] = {"model1": pair.model1.label, "model2": pair.model2.label, "layer1": pair.layer1, "layer2": pair.layer2}
+    table_path = write_results_table(path.with_suffix(".csv"), result)
+    print_summary(result)
+    console.say(f"results table: {table_path}")
+    return result
+
+
+def read_scores(path: Path, content: dict | None = None) -> dict:
+    with open_artifact(path, "scores", content) as f:
+        classes = {}
+        for name, g in f["classes"].items():
+            classes[name] = {
+                "similarity": {d: g[direction_group(d)]["similarity"][()] for d in DIRECTIONS},
+                "concept_correlation": g["concept_correlation"][()],
+                "mean_max_correlation_1": float(g.attrs["mean_max_correlation_1"]),
+                "mean_max_correlation_2": float(g.attrs["mean_max_correlation_2"]),
+                "cka": float(g.attrs["cka"]),
+                "n_patches": int(g.attrs["n_patches"]),
+            }
+        return {"class_names": read_strings(f["class_names"]), "classes": classes,
+                "config": f.attrs["config"], "evaluation": str(f.attrs["evaluation"])}
+
+
+def result_rows(result: dict) -> list[dict]:
+    """One row per class x concept x direction (the machine-readable results table)."""
+    rows = []
+    pair = result.get("pair", {})
+    for name, c in result["classes"].items():
+        for owner in (1, 2):
+            cross, self_ = c["similarity"][CROSS[owner]], c["similarity"][SELF[owner]]
+            for k in range(len(cross)):
+                rows.append({**pair, "class": name, "owner": f"model{owner}", "concept": k,
+                             "direction": CROSS[owner], "similarity": float(cross[k]),
+                             "self_similarity": float(self_[k]), "cka": c["cka"]})
+    return rows
+
+
+def write_results_table(path: Path, result: dict, extra_columns: dict | None = None) -> Path:
+    rows = result_rows(result)
+    if extra_columns:
+        for row in rows:
+            row.update(extra_columns.get((row["class"], row["owner"], row["concept"]), {}))
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def summary_numbers(result: dict) -> dict:
+    classes = result["classes"].values()
+    out = {d: _nanmean(np.concatenate([c["similarity"][d] for c in classes])) for d in DIRECTIONS}
+    out["mean_max_correlation"] = _nanmean([(c["mean_max_correlation_1"] + c["mean_max_correlation_2"]) / 2 for c in classes])
+    out["cka"] = _nanmean([c["cka"] for c in classes])
+    return out
+
+
+def print_summary(result: dict, n_lowest: int = 12) -> None:
+    pair = result.get("pair", {})
+    title = f"{pair.get('model1')} {pair.get('layer1')} (model 1) vs {pair.get('model2')} {pair.get('layer2')} (model 2)"
+    console.table(f"per class: {title}", ["class", "2->1", "1->1", "1->2", "2->2", "mean max corr", "CKA"],
+                  [(name, _nanmean(c["similarity"]["2->1"]), _nanmean(c["similarity"]["1->1"]),
+                    _nanmean(c["similarity"]["1->2"]), _nanmean(c["similarity"]["2->2"]),
+                    (c["mean_max_correlation_1"] + c["mean_max_correlation_2"]) / 2, c["cka"])
+                   for name, c in result["classes"].items()],
+                  caption="Mean Pearson over concepts. \"2->1\": model 2 predicts model 1's concepts; 1->1, 2->2: self baselines.")
+    rows = sorted(result_rows(result), key=lambda r: (np.inf if np.isnan(r["similarity"]) else r["similarity"]))
+    console.table("lowest-similarity concepts (the most model-specific)", ["class", "concept of", "k", "direction", "similarity", "self"],
+                  [(r["class"], r["owner"], r["concept"], r["direction"], r["similarity"], r["self_similarity"])
+                   for r in rows[:n_lowest]])
+    s = summary_numbers(result)
+    console.say(f"overall mean similarity: 2->1 {console.fmt(s['2->1'])}, 1->2 {console.fmt(s['1->2'])}; "
+                f"self 1->1 {console.fmt(s['1->1'])}, 2->2 {console.fmt(s['2->2'])}; "
+                f"mean max concept correlation {console.fmt(s['mean_max_correlation'])}; CKA {console.fmt(s['cka'])}")
