@@ -37,8 +37,19 @@ STAGES: dict[str, str] = {
 GROUP_ALIASES = {"model1": "model@model1", "model2": "model@model2"}
 
 
+def model_presets() -> set[str]:
+    from importlib.resources import files
+
+    return {p.name[:-5] for p in files("rsvc_cli.configs").joinpath("model").iterdir() if p.name.endswith(".yaml")}
+
+
 def normalize_overrides(overrides: list[str]) -> list[str]:
-    """Rewrite `model1=NAME` / `model2=NAME` (also with a `~`/`+`/`++` prefix) to Hydra's group@package form."""
+    """Rewrite `model1=NAME` / `model2=NAME` (also with a `~`/`+`/`++` prefix) to Hydra's group@package form.
+
+    A model name without a preset in configs/model/ (any timm name, e.g. `model=convnext_tiny`)
+    becomes `model.name=NAME` on the default preset, so every timm model works by name.
+    """
+    presets = None
     out = []
     for item in overrides:
         prefix = ""
@@ -48,6 +59,11 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
                 prefix, body = p, body[len(p):]
                 break
         key, sep, value = body.partition("=")
+        if key in ("model", "model1", "model2") and sep and not prefix and "," not in value and "(" not in value:
+            presets = presets if presets is not None else model_presets()
+            if value not in presets:
+                out.append(f"{key}.name={value}")
+                continue
         if key in GROUP_ALIASES and (sep or prefix == "~"):
             body = GROUP_ALIASES[key] + sep + value
         out.append(prefix + body)

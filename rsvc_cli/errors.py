@@ -13,8 +13,9 @@ EXIT_USER_ERROR = 2
 class RsvcError(Exception):
     """A problem the user can fix: what went wrong, and what to do about it."""
 
-    def __init__(self, problem: str, fix: str = ""):
-        self.problem = problem.strip()
+    def __init__(self, problem: str = "", fix: str = "", message: str | None = None):
+        # `message=` is how torch's DataLoader rebuilds an exception raised in a worker process.
+        self.problem = (problem or message or "").strip()
         self.fix = fix.strip()
         super().__init__(self.message)
 

@@ -1,0 +1,185 @@
+"""Class-per-folder image trees (the ImageNet layout): ``root/<class>/<image>``.
+
+A source is the small interface every dataset offers the stages: ``class_names``, ``paths``,
+``labels`` (index into ``class_names``), ``len(source)`` and ``load_image(i) -> PIL RGB``.
+Indices are positions in ``paths``; they are what artifacts record, so ordering is deterministic
+(classes sorted or as requested, files sorted by their path inside the class folder).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from rsvc_cli.errors import RsvcError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+# Integer and float modes (16-bit PNG/TIFF greyscale, float TIFF) that PIL's convert("RGB")
+# would clip to 255 instead of rescaling.
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _is_hidden(name: str) -> bool:
+    # Editor and OS litter (.ipynb_checkpoints, .DS_Store, ._foo.jpg) is never a class or an image.
+    return name.startswith(".")
+
+
+def _is_image_file(name: str) -> bool:
+    return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_images(class_dir: str) -> list[str]:
+    """Image files under ``class_dir`` (recursively, like torchvision), sorted by relative path."""
+    relative_paths = []
+    for dir_path, dir_names, file_names in os.walk(class_dir, followlinks=True):
+        dir_names[:] = [name for name in dir_names if not _is_hidden(name)]
+        relative_dir = os.path.relpath(dir_path, class_dir)
+        for name in file_names:
+            if _is_image_file(name):
+                relative_paths.append(name if relative_dir == "." else os.path.join(relative_dir, name))
+    relative_paths.sort()
+    return [os.path.join(class_dir, path) for path in relative_paths]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: greyscale, palette (with transparency), RGBA, CMYK, 16-bit."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        largest = float(values.max(initial=0))
+        if image.mode.startswith("I;16") or (image.mode == "I" and largest > 255):
+            top = 65535.0
+        elif image.mode == "F" and largest <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        else:
+            top = 255.0
+        grey = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), mode="RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        # PIL warns when a palette image with transparency goes straight to RGB.
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open ``path`` fully (so truncation shows here, not later) and return it as RGB."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise RsvcError(
+                problem=f"Image file {path} is empty (0 bytes).",
+                fix="Delete it or replace it with a valid copy, then rerun.",
+            )
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except RsvcError:
+        raise
+    except FileNotFoundError:
+        raise RsvcError(
+            problem=f"Image file {path} no longer exists.",
+            fix="Restore it, or rerun so the dataset is scanned again.",
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        # PIL reports corrupt and truncated files through all of these.
+        raise RsvcError(
+            problem=f"Image file {path} cannot be read ({type(error).__name__}: {error}).",
+            fix="Delete it or replace it with a valid copy, then rerun.",
+        ) from None
+
+
+class ImageFolderSource:
+    """Images in ``root/<class>/<file>``, labelled by folder.
+
+    Parameters
+    ----------
+    root : folder holding one sub-folder per class.
+    classes : class folder names to use, in this order (labels follow it); None = all, sorted.
+    """
+
+    def __init__(self, root: str | os.PathLike, classes: Iterable[str] | None = None):
+        self.root = os.fspath(root)
+        self.classes = None if classes is None else [str(name) for name in classes]
+        self.class_names = self._resolve_class_names()
+        self.paths, labels = [], []
+        for label, class_name in enumerate(self.class_names):
+            class_paths = _list_images(os.path.join(self.root, class_name))
+            if not class_paths:
+                raise RsvcError(
+                    problem=(
+                        f"Class folder {os.path.join(self.root, class_name)} holds no images "
+                        f"(looked for {' '.join(ext[1:] for ext in IMAGE_EXTENSIONS)})."
+                    ),
+                    fix="Add images to it, remove the folder, or leave the class out of dataset.classes.",
+                )
+            self.paths.extend(class_paths)
+            labels.extend([label] * len(class_paths))
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def _resolve_class_names(self) -> list[str]:
+        if not os.path.exists(self.root):
+            raise RsvcError(
+                problem=f"Dataset folder {self.root} does not exist.",
+                fix="Set dataset.root to a folder holding one sub-folder of images per class.",
+            )
+        if not os.path.isdir(self.root):
+            raise RsvcError(
+                problem=f"Dataset root {self.root} is a file, not a folder.",
+                fix="Set dataset.root to a folder holding one sub-folder of images per class.",
+            )
+        available = sorted(
+            entry.name
+            for entry in os.scandir(self.root)
+            if entry.is_dir() and not _is_hidden(entry.name)
+        )
+        if not available:
+            loose = [entry.name for entry in os.scandir(self.root) if _is_image_file(entry.name)]
+            hint = f" (it holds {len(loose)} loose images)" if loose else ""
+            raise RsvcError(
+                problem=f"Dataset folder {self.root} has no class folders{hint}.",
+                fix="Put the images in one sub-folder per class (root/<class>/<image>), the ImageNet layout.",
+            )
+        if self.classes is None:
+            return available
+        duplicates = sorted({name for name in self.classes if self.classes.count(name) > 1})
+        if duplicates:
+            raise RsvcError(
+                problem=f"dataset.classes names {', '.join(duplicates)} more than once.",
+                fix="List each class once.",
+            )
+        if not self.classes:
+            raise RsvcError(
+                problem="dataset.classes is an empty list.",
+                fix="List at least one class folder, or set dataset.classes=null to use all of them.",
+            )
+        available_set = set(available)
+        for name in self.classes:
+            if name not in available_set:
+                close = difflib.get_close_matches(name, available, n=5)
+                suggestion = f" Close matches: {', '.join(close)}." if close else ""
+                raise RsvcError(
+                    problem=f"Class {name!r} is not a folder in {self.root}.{suggestion}",
+                    fix=(
+                        f"Use one of its {len(available)} class folders (e.g. {', '.join(available[:5])}), "
+                        "or set dataset.classes=null to use all of them."
+                    ),
+                )
+        return list(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, index: int) -> Image.Image:
+        """Image ``index`` as an RGB PIL image; RsvcError naming the file if it cannot be read."""
+        return load_rgb(self.paths[index])
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageFolderSource(root={self.root!r}, n_classes={len(self.class_names)}, "
+            f"n_images={len(self.paths)})"
+        )

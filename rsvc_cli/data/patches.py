@@ -1,0 +1,254 @@
+"""From an image file to the normalized patches both models see, and back to original pixels.
+
+Geometry, in three frames:
+- **original** pixels of the image file (what collages crop and boxes are recorded in);
+- **input** pixels: the image resized so its shorter side is ``input_size``, then centre-cropped
+  to ``input_size x input_size`` (torchvision's ``Resize(S)`` + ``CenterCrop(S)``);
+- each **patch** is a box in input pixels, cropped and resized back to ``input_size``.
+
+Boxes are ``[x0, y0, x1, y1]`` with pixel *edges* as coordinates: box ``[0, 0, 2, 2]`` holds
+pixels 0 and 1 in each direction, and the whole input is ``[0, 0, S, S]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from rsvc_cli.data.planting import planting_keys
+from rsvc_cli.errors import RsvcError
+
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _resize_and_crop_geometry(width: int, height: int, input_size: int) -> tuple[int, int, int, int]:
+    """(resized_width, resized_height, crop_left, crop_top) exactly as torchvision's
+    ``Resize(S)`` (long side truncated) and ``CenterCrop(S)`` (offset rounded) compute them."""
+    if width <= height:
+        resized_width, resized_height = input_size, int(input_size * height / width)
+    else:
+        resized_width, resized_height = int(input_size * width / height), input_size
+    crop_left = int(round((resized_width - input_size) / 2.0))
+    crop_top = int(round((resized_height - input_size) / 2.0))
+    return resized_width, resized_height, crop_left, crop_top
+
+
+def image_to_input_box(width: int, height: int, input_size: int) -> np.ndarray:
+    """The region of the original image that becomes the input, ``[x0, y0, x1, y1]`` in original pixels.
+
+    It is the whole transform: input pixel edge ``(u, v)`` sits at original
+    ``(x0 + u * (x1 - x0) / S, y0 + v * (y1 - y0) / S)``.
+    """
+    resized_width, resized_height, crop_left, crop_top = _resize_and_crop_geometry(width, height, input_size)
+    scale = np.array([width / resized_width, height / resized_height] * 2)
+    return np.array([crop_left, crop_top, crop_left + input_size, crop_top + input_size], dtype=np.float64) * scale
+
+
+def resize_and_crop(image: Image.Image, input_size: int, interpolation: str = "bilinear") -> Image.Image:
+    """Resize the shorter side to ``input_size`` and centre-crop: the same pixels as torchvision's
+    ``CenterCrop(S)(Resize(S)(image))``, so accuracy matches the usual evaluation pipelines."""
+    width, height = image.size
+    if (width, height) == (input_size, input_size):
+        return image
+    resized_width, resized_height, crop_left, crop_top = _resize_and_crop_geometry(width, height, input_size)
+    resized = image.resize((resized_width, resized_height), _resampling(interpolation))
+    return resized.crop((crop_left, crop_top, crop_left + input_size, crop_top + input_size))
+
+
+def _resampling(interpolation: str):
+    if interpolation not in _RESAMPLING:
+        raise RsvcError(
+            problem=f"Interpolation {interpolation!r} is not supported.",
+            fix=f"Use one of {', '.join(_RESAMPLING)}.",
+        )
+    return _RESAMPLING[interpolation]
+
+
+def _round_half_up(value: float) -> int:
+    return int(math.floor(value + 0.5))
+
+
+def scaled_patch_geometry(
+    input_size: int, size: int | None = 64, stride: int | None = 51, reference_size: int = 224
+) -> tuple[int | None, int | None]:
+    """Patch size and stride for ``input_size``, scaled from ``size``/``stride`` at ``reference_size``.
+
+    64/51 at 224 (the authors' 16 patches) becomes 9/7 at 32, again 16 patches.
+    ``size=None`` means whole images and returns ``(None, None)``.
+    """
+    if size is None:
+        return None, None
+    if stride is None:
+        stride = size
+    scale = input_size / reference_size
+    patch_size, patch_stride = max(1, _round_half_up(size * scale)), max(1, _round_half_up(stride * scale))
+    if patch_size > input_size:
+        raise RsvcError(
+            problem=f"Patch size {patch_size} px is larger than the {input_size} px input.",
+            fix="Lower patch.size (given at the reference size), or set patch.size=null for whole images.",
+        )
+    return patch_size, patch_stride
+
+
+def patch_grid(input_size: int, patch_size: int | None, stride: int | None = None) -> np.ndarray:
+    """Square patch boxes ``(n, 4)`` int64 in input pixels, row-major (top row first, left to right).
+
+    Patches start at 0, stride, 2 stride, ... while they fit; ``patch_size=None`` gives one box,
+    the whole input.
+    """
+    if patch_size is None:
+        return np.array([[0, 0, input_size, input_size]], dtype=np.int64)
+    stride = patch_size if stride is None else stride
+    if not (1 <= patch_size <= input_size) or stride < 1:
+        raise RsvcError(
+            problem=f"Patch size {patch_size} and stride {stride} do not fit a {input_size} px input.",
+            fix=f"Use 1 <= patch.size <= {input_size} and patch.stride >= 1, or patch.size=null for whole images.",
+        )
+    starts = np.arange(0, input_size - patch_size + 1, stride, dtype=np.int64)
+    top, left = np.meshgrid(starts, starts, indexing="ij")
+    top, left = top.ravel(), left.ravel()
+    return np.stack([left, top, left + patch_size, top + patch_size], axis=1)
+
+
+def make_patches(image_tensor: torch.Tensor, boxes, input_size: int) -> torch.Tensor:
+    """Crop each box from ``image_tensor`` and resize it to ``input_size`` (bilinear, no antialias).
+
+    image_tensor : (c, H, W) or (b, c, H, W) float. boxes : (n, 4) integer, inside the image.
+    Returns (n, c, S, S), or (b, n, c, S, S) for a batch. Crops are exact (a patch sees only its
+    box's pixels); boxes of one size are gathered and resized in one call.
+    """
+    boxes = torch.as_tensor(np.asarray(boxes), dtype=torch.int64, device=image_tensor.device)
+    height, width = image_tensor.shape[-2:]
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (n, 4), got {tuple(boxes.shape)}")
+    x0, y0, x1, y1 = boxes.unbind(1)
+    if bool(((x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height) | (x1 <= x0) | (y1 <= y0)).any()):
+        raise ValueError(f"boxes must lie inside the {width}x{height} image and be non-empty")
+    *leading, channels = image_tensor.shape[:-2]
+    patches = image_tensor.new_empty(*leading, len(boxes), channels, input_size, input_size)
+    box_sizes = torch.stack([x1 - x0, y1 - y0], dim=1)
+    # A patch grid has one box size; a loop over distinct sizes keeps any other layout correct.
+    for box_width, box_height in torch.unique(box_sizes, dim=0).tolist():
+        group = torch.nonzero((box_sizes[:, 0] == box_width) & (box_sizes[:, 1] == box_height)).squeeze(1)
+        rows = y0[group, None, None] + torch.arange(box_height, device=boxes.device)[None, :, None]
+        columns = x0[group, None, None] + torch.arange(box_width, device=boxes.device)[None, None, :]
+        crops = image_tensor[..., rows, columns].movedim(-4, -3)  # (..., m, c, h, w)
+        if (box_height, box_width) != (input_size, input_size):
+            flat = crops.reshape(-1, channels, box_height, box_width)
+            resized = F.interpolate(flat, size=(input_size, input_size), mode="bilinear", align_corners=False,
+                                    antialias=False)
+            crops = resized.reshape(*crops.shape[:-2], input_size, input_size)
+        patches[..., group, :, :, :] = crops
+    return patches
+
+
+def boxes_in_original_pixels(boxes, width: int, height: int, input_size: int) -> np.ndarray:
+    """Map boxes ``(..., 4)`` in input pixels to original pixels (float64) through resize and crop."""
+    input_box = image_to_input_box(width, height, input_size)
+    scale = (input_box[2:] - input_box[:2]) / input_size  # original pixels per input pixel, (x, y)
+    boxes = np.asarray(boxes, dtype=np.float64)
+    origin, scale = np.tile(input_box[:2], 2), np.tile(scale, 2)
+    return origin + boxes * scale
+
+
+def _channel_vector(values, name: str) -> torch.Tensor:
+    vector = torch.as_tensor(np.asarray(values, dtype=np.float32).reshape(-1))
+    if vector.shape != (3,) or not torch.isfinite(vector).all() or (name == "std" and (vector <= 0).any()):
+        raise RsvcError(
+            problem=f"Normalization {name}={list(np.asarray(values).reshape(-1))} is not three finite numbers"
+            + (" above 0." if name == "std" else "."),
+            fix=f"Set the model's {name} to one value per RGB channel, e.g. [0.485, 0.456, 0.406] for the mean.",
+        )
+    return vector.view(3, 1, 1)
+
+
+class PatchDataset(Dataset):
+    """Normalized patches of chosen source images, with their boxes in original pixels.
+
+    Item ``i`` is ``(patches, image_index, patch_boxes)``: patches (n_patches, 3, S, S) float32
+    normalized ``(x / 255 - mean) / std``, ``image_index`` = ``image_index[i]`` (int), patch_boxes
+    (n_patches, 4) float32 in original pixels. With ``planting`` (see ``planting.Planting``) a
+    square is painted on the input-size image first and a fourth element, the square's box in
+    original pixels (4,) float32, NaN when none was planted, is returned. With ``return_image``
+    the item is ``(patches, image, image_index, patch_boxes, square_box)`` whatever the planting,
+    ``image`` the whole normalized input (3, S, S). Deterministic and
+    picklable, so DataLoader workers are fine.
+    """
+
+    def __init__(
+        self,
+        source,
+        image_index: Sequence[int] | np.ndarray,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        patch_size: int | None,
+        stride: int | None,
+        planting=None,
+        interpolation: str = "bilinear",
+        return_image: bool = False,
+    ):
+        self.source = source
+        self.image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
+        self.input_size = int(input_size)
+        self.mean = _channel_vector(mean, "mean")
+        self.std = _channel_vector(std, "std")
+        self.patch_size = patch_size
+        self.stride = stride
+        self.planting = planting
+        self.interpolation = interpolation
+        self.return_image = return_image
+        _resampling(interpolation)  # fail at construction, not in a worker
+        self.patch_boxes = patch_grid(self.input_size, patch_size, stride)
+        if planting is not None:
+            self.planting_probability = planting.probabilities(source.class_names)
+            labels = np.asarray(source.labels)[self.image_index]
+            self.planting_key = planting_keys(source, self.image_index)
+            self.planting_label = labels
+
+    @property
+    def n_patches(self) -> int:
+        return len(self.patch_boxes)
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def __getitem__(self, item: int):
+        index = int(self.image_index[item])
+        image = self.source.load_image(index)
+        width, height = image.size
+        pixels = np.asarray(resize_and_crop(image, self.input_size, self.interpolation))
+        if self.planting is not None:
+            probability = float(self.planting_probability[self.planting_label[item]])
+            pixels, square_box = self.planting.plant(pixels, self.planting_key[item], probability)
+        # Normalizing before cropping is exact (bilinear weights sum to 1) and n_patches times cheaper.
+        image_tensor = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        image_tensor = (image_tensor - self.mean) / self.std
+        patches = make_patches(image_tensor, self.patch_boxes, self.input_size)
+        patch_boxes = torch.from_numpy(
+            boxes_in_original_pixels(self.patch_boxes, width, height, self.input_size).astype(np.float32)
+        )
+        if self.return_image:
+            # The extraction layout: the whole normalized input (for the model's prediction on the
+            # image) and always a square box (NaN without planting).
+            square_original = np.full(4, np.nan, dtype=np.float32)
+            if self.planting is not None and square_box is not None:
+                square_original[:] = boxes_in_original_pixels(square_box, width, height, self.input_size)
+            return patches, image_tensor, index, patch_boxes, torch.from_numpy(square_original)
+        if self.planting is None:
+            return patches, index, patch_boxes
+        square_original = np.full(4, np.nan, dtype=np.float32)
+        if square_box is not None:
+            square_original[:] = boxes_in_original_pixels(square_box, width, height, self.input_size)
+        return patches, index, patch_boxes, torch.from_numpy(square_original)
