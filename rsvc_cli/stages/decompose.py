@@ -113,6 +113,8 @@ def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activation
             write_array(g, "rows", result["rows"], "patch (rows of the activations artifact)")
             g.attrs["reconstruction_error"] = float(result["reconstruction_error"])
             g.attrs["relative_reconstruction_error"] = float(result["relative_reconstruction_error"])
+            if result["mean"] is not None:
+                write_array(g, "mean", result["mean"], "feature")
 
     prefix = f"{model.label}-{layer}-{params['method']}{params['n_concepts']}"
     return produce(store_dir(cfg), "concepts", prefix, content, write, seeds={"decomposition.seed": params["seed"]})
@@ -127,9 +129,20 @@ def prepare_activations(values: np.ndarray, method: str, signed: str) -> np.ndar
     return apply_sign_treatment(torch.from_numpy(values), signed).numpy()
 
 
-def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.device) -> dict[str, dict]:
-    from rsvc_cli.algorithms.decomposition import make_decomposition
+def make_estimator(params: dict):
+    """The decomposition estimator with those of the configured parameters its method takes."""
+    import inspect
 
+    from rsvc_cli.algorithms.decomposition import make_decomposition, _METHODS
+
+    method = params["method"]
+    accepted = inspect.signature(_METHODS[method]).parameters if method in _METHODS else {}
+    given = {"n_concepts": int(params["n_concepts"]), "init": params.get("init"), "max_iter": params.get("max_iter"),
+             "tol": params.get("tol"), "seed": params.get("seed")}
+    return make_decomposition(method, **{k: v for k, v in given.items() if k in accepted and v is not None})
+
+
+def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.device) -> dict[str, dict]:
     values = prepare_activations(acts.values, params["method"], params["signed"])
     classes = class_of_patch(acts, group_by)
     concept_rows = acts.image_set == CONCEPT_SET
@@ -150,9 +163,9 @@ def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.d
         by_size.setdefault(len(rows), []).append(name)
     for names in by_size.values():
         batch = torch.from_numpy(np.stack([values[groups[n]] for n in names])).to(device, torch.float64)
-        estimator = make_decomposition(params["method"], n_concepts=k, init=params["init"], max_iter=params["max_iter"],
-                                       tol=params["tol"], seed=params["seed"])
+        estimator = make_estimator(params)
         estimator.fit(batch)
+        means = getattr(estimator, "mean_", None)
         basis = estimator.concept_basis_.detach().cpu().numpy()
         coefficients = estimator.coefficients_.detach().cpu().numpy()
         errors = np.atleast_1d(torch.as_tensor(estimator.reconstruction_error_).cpu().numpy())
@@ -160,7 +173,8 @@ def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.d
         for i, name in enumerate(names):
             results[name] = {"concept_basis": basis[i].astype(np.float32), "coefficients": coefficients[i].astype(np.float32),
                              "rows": groups[name], "reconstruction_error": errors[i],
-                             "relative_reconstruction_error": errors[i] / max(norms[i], 1e-30)}
+                             "relative_reconstruction_error": errors[i] / max(norms[i], 1e-30),
+                             "mean": None if means is None else means[i].cpu().numpy().astype(np.float32)}
     return results
 
 
@@ -171,24 +185,34 @@ class Concepts:
     signed: str
     method: str
     concept_basis: dict[str, np.ndarray]
+    mean: dict[str, np.ndarray]  # PCA only: the centre of the fitted activations
 
     def basis_of(self, name: str) -> np.ndarray:
         return self.concept_basis[name if self.per_class else ALL_CLASSES]
+
+    def estimator_of(self, name: str, device):
+        """The fitted estimator of a class, rebuilt from the store (its transform gives coefficients)."""
+        from rsvc_cli.algorithms.decomposition import make_decomposition
+
+        key = name if self.per_class else ALL_CLASSES
+        estimator = make_decomposition(self.method, n_concepts=self.concept_basis[key].shape[0])
+        estimator.concept_basis_ = torch.from_numpy(self.concept_basis[key]).to(device, torch.float64)
+        if key in self.mean:
+            estimator.mean_ = torch.from_numpy(self.mean[key]).to(device, torch.float64)
+        return estimator
 
 
 def read_concepts(path: Path, content: dict) -> Concepts:
     with open_artifact(path, "concepts", content) as f:
         bases = {name: g["concept_basis"][()] for name, g in f["classes"].items()}
+        means = {name: g["mean"][()] for name, g in f["classes"].items() if "mean" in g}
         return Concepts(class_names=read_strings(f["class_names"]), per_class=bool(f.attrs["per_class"]),
-                        signed=str(f.attrs["signed"]), method=content["decomposition"]["method"], concept_basis=bases)
+                        signed=str(f.attrs["signed"]), method=content["decomposition"]["method"], concept_basis=bases,
+                        mean=means)
 
 
-def coefficients_of(values: np.ndarray, concept_basis: np.ndarray, method: str, signed: str, device) -> np.ndarray:
-    """Coefficients of patches against a stored basis: exact NNLS (PCA: projection; k-means: nearest centroid)."""
-    from rsvc_cli.algorithms.decomposition import make_decomposition
-
-    values = prepare_activations(values, method, signed)
-    estimator = make_decomposition(method, n_concepts=concept_basis.shape[0])
-    A = torch.from_numpy(values).to(device, torch.float64)
-    W = torch.from_numpy(concept_basis).to(device, torch.float64)
-    return estimator.transform_with_basis(A, W).cpu().numpy()
+def coefficients_of(values: np.ndarray, concepts: Concepts, name: str, device) -> np.ndarray:
+    """Coefficients of patches against a class's stored basis: exact NNLS (PCA: projection; k-means: nearest centroid)."""
+    values = prepare_activations(values, concepts.method, concepts.signed)
+    estimator = concepts.estimator_of(name, device)
+    return estimator.transform(torch.from_numpy(values).to(device, torch.float64)).cpu().numpy()

@@ -149,9 +149,8 @@ def regress(pair: Pair, cfg) -> Path:
                                 f"{params['n_folds']} folds.", "Raise dataset.images_per_class or lower regression.n_folds.")
             true = {}
             for m in (1, 2):
-                basis = concepts[m].basis_of(name)
-                true[m, "regression"] = coefficients_of(acts[m].values[rows_reg], basis, concepts[m].method, concepts[m].signed, device)
-                true[m, "evaluation"] = coefficients_of(acts[m].values[rows_eval], basis, concepts[m].method, concepts[m].signed, device)
+                true[m, "regression"] = coefficients_of(acts[m].values[rows_reg], concepts[m], name, device)
+                true[m, "evaluation"] = coefficients_of(acts[m].values[rows_eval], concepts[m], name, device)
             folds = grouped_kfold(torch.from_numpy(a1.image_row[rows_reg]), n_folds=int(params["n_folds"]),
                                   seed=int(params["seed"])).numpy()
             per_class[name] = {"rows_reg": rows_reg, "rows_eval": rows_eval, "true": true, "folds": folds}
