@@ -56,6 +56,11 @@ def make_model(
     if checkpoint is not None:
         checkpoint = str(Path(checkpoint).expanduser())
     label = name or target or ""
+    if not label:
+        raise RsvcError(
+            problem="No model was named.",
+            fix="Set model.name to a built-in or timm name, or model.target to an import path.",
+        )
 
     if target:
         module = _make_from_target(target, kwargs, pretrained, checkpoint, label)

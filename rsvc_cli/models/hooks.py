@@ -1,0 +1,289 @@
+"""Recording layer outputs: layer names, one vector per input, many layers in one forward pass.
+
+A layer is any named submodule (``layer3``, ``blocks.5``, ``l4``); its output is what its forward
+returns. ``LayerRecorder`` reduces each recorded output to one vector per input inside the hook, so
+large feature maps never pile up: feature maps (n, c, h, w) by their spatial mean, token sequences
+(n, t, d) by the CLS token or the mean of the patch tokens, vectors (n, d) as they are.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from rsvc_cli.errors import RsvcError
+
+TOKEN_REDUCTIONS = ("cls", "mean")
+N_SUGGESTIONS = 5
+# Output ranks a layer may have: (n, d) vectors, (n, t, d) tokens, (n, c, h, w) feature maps.
+REDUCIBLE_RANKS = (2, 3, 4)
+# timm's patch embedding emits patch tokens only; the prefix (CLS, register) tokens come later.
+PATCH_EMBED_PREFIX = "patch_embed"
+
+_LAYER_KINDS_FIX = (
+    "Pick a module whose output is a feature map (n, c, h, w), a token sequence (n, t, d) or a "
+    "vector (n, d) and that runs once per forward pass; `rsvc layers` lists them."
+)
+
+
+# ------------------------------------------------------------------------------------------
+# Reducing one output to vectors
+# ------------------------------------------------------------------------------------------
+
+
+def reduce_to_vectors(
+    output: torch.Tensor,
+    token_reduce: str = "cls",
+    num_prefix_tokens: int = 1,
+    has_cls_token: bool | None = None,
+    layer_name: str = "layer",
+) -> torch.Tensor:
+    """One float32 vector per input: (n, c, h, w) -> spatial mean, (n, t, d) -> CLS or token mean.
+
+    A token sequence gives its CLS token (index 0) when ``token_reduce == "cls"`` and the model has
+    one (``has_cls_token``, by default ``num_prefix_tokens > 0``); otherwise the mean of the patch
+    tokens, i.e. without the ``num_prefix_tokens`` leading CLS/register tokens.
+    """
+    if token_reduce not in TOKEN_REDUCTIONS:
+        raise RsvcError(
+            problem=f"Unknown token reduction {token_reduce!r}.",
+            fix=f"Use one of: {', '.join(TOKEN_REDUCTIONS)}.",
+        )
+    if not isinstance(output, torch.Tensor):
+        raise RsvcError(
+            problem=f"Layer {layer_name!r} outputs a {type(output).__name__}, not a tensor: a layer of "
+            "the wrong kind for recording.",
+            fix=_LAYER_KINDS_FIX,
+        )
+    if output.ndim not in REDUCIBLE_RANKS:
+        raise RsvcError(
+            problem=f"Layer {layer_name!r} outputs shape {tuple(output.shape)}, which has no one-vector-"
+            "per-input reduction: a layer of the wrong kind for recording.",
+            fix=_LAYER_KINDS_FIX,
+        )
+    # Reduce in float32: half-precision sums over thousands of positions lose digits.
+    output = output.detach()
+    if output.ndim == 2:
+        return output.float()
+    if output.ndim == 4:
+        return output.float().mean(dim=(2, 3))
+    if has_cls_token is None:
+        has_cls_token = num_prefix_tokens > 0
+    if token_reduce == "cls" and has_cls_token:
+        return output[:, 0].float()
+    if output.shape[1] <= num_prefix_tokens:
+        raise RsvcError(
+            problem=f"Layer {layer_name!r} outputs {output.shape[1]} token(s), no patch tokens after the "
+            f"{num_prefix_tokens} prefix token(s): a layer of the wrong kind for a token mean.",
+            fix=_LAYER_KINDS_FIX,
+        )
+    return output[:, num_prefix_tokens:].float().mean(dim=1)
+
+
+def model_has_cls_token(module: nn.Module) -> bool:
+    """Whether the model prepends a class token to its token sequence (timm ViT convention)."""
+    has_class_token = getattr(module, "has_class_token", None)
+    if isinstance(has_class_token, bool):
+        return has_class_token
+    return isinstance(getattr(module, "cls_token", None), torch.Tensor)
+
+
+def model_num_prefix_tokens(module: nn.Module) -> int:
+    """Leading non-patch tokens (CLS, distillation, register) in the model's token sequence."""
+    return int(getattr(module, "num_prefix_tokens", 0) or 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Layer names
+# ------------------------------------------------------------------------------------------
+
+
+def layer_names_of(module: nn.Module) -> list[str]:
+    """Every named submodule (the root excluded), in definition order."""
+    return [name for name, _ in module.named_modules() if name]
+
+
+def resolve_layer_names(
+    module: nn.Module, names: str | Iterable[str], input_size: int | None = None
+) -> list[str]:
+    """Check layer names against the module: unknown names are an RsvcError with suggestions.
+
+    With ``input_size``, also run one dummy forward and refuse layers that do not produce exactly
+    one reducible tensor (not run, run several times, tuple outputs). Duplicates are dropped.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise RsvcError(problem="No layer was named.", fix="Name at least one layer, e.g. layer=NAME.")
+    modules = dict(module.named_modules())
+    valid = layer_names_of(module)
+    unknown = [name for name in names if not name or name not in modules]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(str(name), valid, n=N_SUGGESTIONS, cutoff=0.5)
+            hints.append(f"{name!r} (closest: {', '.join(close) or 'none'})")
+        raise RsvcError(
+            problem=f"Unknown layer name(s) for {type(module).__name__}: {'; '.join(hints)}.",
+            fix="Use module names as printed by `rsvc layers` for this model (e.g. "
+            f"{', '.join(valid[-3:])}).",
+        )
+    containers = [name for name in names if isinstance(modules[name], (nn.ModuleList, nn.ModuleDict))]
+    if containers:
+        raise RsvcError(
+            problem=f"Layer(s) {', '.join(map(repr, containers))} are module containers that never run "
+            "themselves: layers of the wrong kind for recording.",
+            fix="Name one of their children instead (e.g. " + f"{containers[0]}.0).",
+        )
+    unique = list(dict.fromkeys(names))
+    if input_size is not None:
+        recordable = dict(list_layers(module, input_size))
+        wrong = [name for name in unique if name not in recordable]
+        if wrong:
+            raise RsvcError(
+                problem=f"Layer(s) {', '.join(map(repr, wrong))} do not produce one tensor of a reducible "
+                "shape per forward pass: layers of the wrong kind for recording.",
+                fix=_LAYER_KINDS_FIX,
+            )
+    return unique
+
+
+def list_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, output shape without batch) of every recordable layer, from one dummy forward.
+
+    Recordable: runs exactly once per forward pass and returns a tensor of rank 2, 3 or 4.
+    Listed in definition order. The module's train/eval modes are left as they were.
+    """
+    height, width = _square(input_size)
+    shapes: dict[str, tuple[int, ...]] = {}
+    calls: Counter[str] = Counter()
+
+    def make_hook(name: str):
+        def hook(_module, _inputs, output):
+            calls[name] += 1
+            if isinstance(output, torch.Tensor) and output.ndim in REDUCIBLE_RANKS:
+                shapes[name] = tuple(output.shape[1:])
+
+        return hook
+
+    handles = [
+        submodule.register_forward_hook(make_hook(name))
+        for name, submodule in module.named_modules()
+        if name
+    ]
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    parameter = next(module.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    try:
+        module.eval()  # no BatchNorm statistics updates, no dropout
+        with torch.no_grad():
+            module(torch.zeros(2, 3, height, width, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for submodule, training in modes.items():
+            submodule.training = training
+    return [(name, shapes[name]) for name in layer_names_of(module) if name in shapes and calls[name] == 1]
+
+
+def _square(input_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(input_size, int):
+        return input_size, input_size
+    sizes = tuple(int(value) for value in input_size)
+    return sizes[-2], sizes[-1]  # (h, w) or (c, h, w)
+
+
+# ------------------------------------------------------------------------------------------
+# Recording
+# ------------------------------------------------------------------------------------------
+
+
+def _is_channels_last(module: nn.Module) -> bool:
+    """Modules that declare NHWC output (timm's PatchEmbed with ``output_fmt``)."""
+    output_format = getattr(module, "output_fmt", None)
+    return str(getattr(output_format, "value", output_format)).upper() == "NHWC"
+
+
+class LayerRecorder:
+    """Record several layers in one forward pass, one vector per input each.
+
+    >>> with LayerRecorder(model, ["layer2", "layer3"]) as recorder:
+    ...     logits, activations = recorder(images)   # activations["layer3"]: (n, 64)
+
+    Hooks stay registered until ``close()`` (or the end of the ``with`` block). Forward passes run
+    under ``torch.no_grad``; recorded vectors are float32, detached, on the module's device.
+    """
+
+    def __init__(self, module: nn.Module, layer_names: str | Iterable[str], token_reduce: str = "cls"):
+        if token_reduce not in TOKEN_REDUCTIONS:
+            raise RsvcError(
+                problem=f"Unknown token reduction {token_reduce!r}.",
+                fix=f"Use one of: {', '.join(TOKEN_REDUCTIONS)}.",
+            )
+        self.module = module
+        self.layer_names = resolve_layer_names(module, layer_names)
+        self.token_reduce = token_reduce
+        self.num_prefix_tokens = model_num_prefix_tokens(module)
+        self.has_cls_token = model_has_cls_token(module)
+        self._records: dict[str, torch.Tensor] = {}
+        self._calls: Counter[str] = Counter()
+        modules = dict(module.named_modules())
+        self._handles = [modules[name].register_forward_hook(self._make_hook(name)) for name in self.layer_names]
+
+    def _make_hook(self, name: str):
+        patch_tokens_only = name == PATCH_EMBED_PREFIX or name.startswith(PATCH_EMBED_PREFIX + ".")
+        num_prefix_tokens = 0 if patch_tokens_only else self.num_prefix_tokens
+        has_cls_token = self.has_cls_token and not patch_tokens_only
+
+        channels_last = _is_channels_last(dict(self.module.named_modules())[name])
+
+        def hook(_module, _inputs, output):
+            self._calls[name] += 1
+            if self._calls[name] == 1:
+                if channels_last and isinstance(output, torch.Tensor) and output.ndim == 4:
+                    output = output.permute(0, 3, 1, 2)
+                self._records[name] = reduce_to_vectors(
+                    output,
+                    token_reduce=self.token_reduce,
+                    num_prefix_tokens=num_prefix_tokens,
+                    has_cls_token=has_cls_token,
+                    layer_name=name,
+                )
+
+        return hook
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the model once; return its logits and {layer name: (n, d) float32 vectors}."""
+        if not self._handles:
+            raise RuntimeError("LayerRecorder is closed")
+        self._records = {}
+        self._calls = Counter()
+        try:
+            with torch.no_grad():
+                logits = self.module(images)
+            wrong = {name: self._calls[name] for name in self.layer_names if self._calls[name] != 1}
+            if wrong:
+                described = ", ".join(f"{name!r} ran {count} times" for name, count in wrong.items())
+                raise RsvcError(
+                    problem=f"Layer(s) must run exactly once per forward pass, but {described}: "
+                    "layers of the wrong kind for recording.",
+                    fix=_LAYER_KINDS_FIX,
+                )
+            return logits, dict(self._records)
+        finally:
+            self._records = {}
+
+    def close(self) -> None:
+        """Remove the hooks; the module is as it was before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> LayerRecorder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
