@@ -25,13 +25,13 @@ function that puts rows back into the layer's layout.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 from rsvc_cli.errors import RsvcError
+from rsvc_cli.models.hooks import resolve_layer_names
 
 RestoreFn = Callable[[torch.Tensor], torch.Tensor]
 OUTPUT_KINDS = ("logits", "log_probabilities")
@@ -43,17 +43,9 @@ OUTPUT_KINDS = ("logits", "log_probabilities")
 
 
 def find_layer(module: nn.Module, layer_name: str) -> nn.Module:
-    """The submodule called ``layer_name``; a wrong name is an error listing close valid names."""
-    named = dict(module.named_modules())
-    named.pop("", None)  # replacing the whole model's output would leave no "rest of the network"
-    if layer_name in named:
-        return named[layer_name]
-    close = difflib.get_close_matches(layer_name, list(named), n=5, cutoff=0.5)
-    hint = f"Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
-    raise RsvcError(
-        problem=f"The model has no layer called {layer_name!r}. {hint}",
-        fix="Use one of the model's own module names; `rsvc layers model=...` lists them.",
-    )
+    """The submodule called ``layer_name``; a wrong name is an RsvcError listing close valid names."""
+    (layer_name,) = resolve_layer_names(module, [layer_name])
+    return module.get_submodule(layer_name)
 
 
 @contextlib.contextmanager
@@ -157,15 +149,18 @@ def run_with_layer_output(
 # --------------------------------------------------------------------------------------------
 
 
-def _feature_axis(shape: torch.Size, n_features: int | None) -> int:
+def _feature_axis(shape: torch.Size, n_features: int | None, channels_last: bool | None) -> int:
     """Which axis of a layer output holds the d features.
 
     Torch's convention decides where the shape alone cannot: tokens (n, t, d) keep features last,
     maps (n, c, h, w) first; a given ``n_features`` (the basis' d) overrides that when only the
     other axis matches, which is how channels-last maps (timm's ``patch_embed``) are recognized.
+    ``channels_last`` (True: last axis, False: axis 1) settles it outright.
     """
     if len(shape) == 2:
         candidates = [1]
+    elif channels_last is not None:
+        candidates = [len(shape) - 1] if channels_last else [1]
     elif len(shape) == 3:
         candidates = [2, 1]
     else:
@@ -182,13 +177,16 @@ def _feature_axis(shape: torch.Size, n_features: int | None) -> int:
     )
 
 
-def to_positions(output: torch.Tensor, n_features: int | None = None) -> tuple[torch.Tensor, RestoreFn]:
+def to_positions(
+    output: torch.Tensor, n_features: int | None = None, channels_last: bool | None = None
+) -> tuple[torch.Tensor, RestoreFn]:
     """One d-vector per position: rows (n, P, d) and a function mapping (m, P, d) back to the layout.
 
     P is h*w for a map, t for tokens and 1 for a pooled (n, d) output. The restore function
     accepts any leading size m (several copies of the n images stacked) and keeps gradients.
     ``n_features``: the concept basis' d, checked against the output (and used to recognize a
-    channels-last map).
+    channels-last map). ``channels_last``: where the layer is known to put features last (True)
+    or at axis 1 (False); None infers it.
     """
     if not isinstance(output, torch.Tensor) or output.ndim < 2:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -197,7 +195,7 @@ def to_positions(output: torch.Tensor, n_features: int | None = None) -> tuple[t
             "concepts to.",
             fix="Pick a layer that outputs a feature map, tokens or a pooled feature vector.",
         )
-    axis = _feature_axis(output.shape, n_features)
+    axis = _feature_axis(output.shape, n_features, channels_last)
     n_samples, n_features = output.shape[0], output.shape[axis]
     moved = output.movedim(axis, -1)
     position_shape = tuple(moved.shape[1:-1])

@@ -228,16 +228,19 @@ def source_identity(d: dict, source, image_index: np.ndarray) -> dict:
 
 
 def make_planting(p: dict, class_names: list[str]):
+    """The planting of a dataset config; `class_probability` keys are class names or indices."""
     if not p or not p.get("enabled"):
         return None
     from rsvc_cli.data.planting import Planting
 
-    unknown = sorted(set(p.get("class_probability") or {}) - set(class_names))
+    given = {str(k): float(v) for k, v in (p.get("class_probability") or {}).items()}
+    known = set(class_names) | {str(i) for i in range(len(class_names))}
+    unknown = sorted(set(given) - known)
     if unknown:
         raise RsvcError(f"dataset.planting.class_probability names classes that are not in the dataset: {unknown}.",
-                        f"Use class names from: {', '.join(class_names[:20])}.")
-    probability = [float((p.get("class_probability") or {}).get(c, p.get("default_probability", 0.0)))
-                   for c in class_names]
+                        f"Use class names or indices 0-{len(class_names) - 1}: {', '.join(class_names[:20])}.")
+    default = float(p.get("default_probability", 0.0))
+    probability = [given.get(name, given.get(str(i), default)) for i, name in enumerate(class_names)]
     return Planting(color=tuple(p.get("color") or (255, 0, 255)), size=int(p.get("size", 4)),
                     class_probability=probability, seed=int(p.get("seed", 0)))
 

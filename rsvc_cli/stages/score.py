@@ -82,11 +82,34 @@ def score(pair, cfg, regression_path: Path) -> dict:
     result = read_scores(path, content)
     result["path"] = path
     result["regression_path"] = regression_path
+    if pair.images.planting is not None:
+        result["square_content"] = square_content(pair, reg_content, regression_path, int(cfg.n_tiles))
     result["pair"] = {"model1": pair.model1.label, "model2": pair.model2.label, "layer1": pair.layer1, "layer2": pair.layer2}
     table_path = write_results_table(path.with_suffix(".csv"), result)
     print_summary(result)
     console.say(f"results table: {table_path}")
     return result
+
+
+def square_content(pair, reg_content: dict, regression_path: Path, n_tiles: int) -> dict:
+    """Per concept, the fraction of its top patches (as in its collage) that overlap the planted square."""
+    from rsvc_cli.data.planting import box_overlap
+    from rsvc_cli.viz.collage import select_collage_patches
+
+    reg = read_regression(regression_path, reg_content)
+    acts = read_activations(*pair.activations1)
+    out = {}
+    for name, entry in reg.classes.items():
+        rows = entry["evaluation_rows"]
+        boxes, image_index, squares = acts.patch_box[rows], acts.image_index[rows], acts.square_box[acts.image_row[rows]]
+        for owner in (1, 2):
+            true = entry[f"coefficients{owner}_evaluation"]
+            predicted = entry[CROSS[owner]]["evaluation_prediction"]
+            for k in range(true.shape[1]):
+                top = select_collage_patches(true[:, k], predicted[:, k], image_index, n_tiles)["top"]
+                hits = [bool(box_overlap(boxes[i:i + 1], squares[i])[0]) for i in top]
+                out[(name, f"model{owner}", k)] = float(np.mean(hits)) if hits else float("nan")
+    return out
 
 
 def read_scores(path: Path, content: dict | None = None) -> dict:
@@ -121,6 +144,9 @@ def result_rows(result: dict) -> list[dict]:
 
 def write_results_table(path: Path, result: dict, extra_columns: dict | None = None) -> Path:
     rows = result_rows(result)
+    for row in rows:
+        if "square_content" in result:
+            row["square_content"] = result["square_content"].get((row["class"], row["owner"], row["concept"]))
     if extra_columns:
         for row in rows:
             row.update(extra_columns.get((row["class"], row["owner"], row["concept"]), {}))
@@ -157,8 +183,11 @@ def print_summary(result: dict, n_lowest: int = 12) -> None:
                    for name, c in result["classes"].items()],
                   caption="Mean Pearson over concepts. \"2->1\": model 2 predicts model 1's concepts; 1->1, 2->2: self baselines.")
     rows = sorted(result_rows(result), key=lambda r: (np.inf if np.isnan(r["similarity"]) else r["similarity"]))
-    console.table("lowest-similarity concepts (the most model-specific)", ["class", "concept of", "k", "direction", "similarity", "self"],
-                  [(r["class"], r["owner"], r["concept"], r["direction"], r["similarity"], r["self_similarity"])
+    squares = result.get("square_content")
+    columns = ["class", "concept of", "k", "direction", "similarity", "self"] + (["square content"] if squares else [])
+    console.table("lowest-similarity concepts (the most model-specific)", columns,
+                  [(r["class"], r["owner"], r["concept"], r["direction"], r["similarity"], r["self_similarity"],
+                    *([squares.get((r["class"], r["owner"], r["concept"]))] if squares else []))
                    for r in rows[:n_lowest]])
     s = summary_numbers(result)
     console.say(f"overall mean similarity: 2->1 {console.fmt(s['2->1'])}, 1->2 {console.fmt(s['1->2'])}; "
