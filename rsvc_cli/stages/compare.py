@@ -27,5 +27,4 @@ def run(cfg) -> dict:
     if cfg.report:
         result["report"] = report_stage.report(pair, cfg, result)
         console.say(f"[bold]report:[/bold] {result['report']}")
-    console.say(f"results table: {result['table']}")
     return result

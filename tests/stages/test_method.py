@@ -1,0 +1,97 @@
+"""The method on real checkpoints and real images: decompose -> regress -> score (issue 3 sanity)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import CHECKPOINTS, CIFAR_TEST, compose
+from rsvc_cli.errors import RsvcError
+from rsvc_cli.stages import score as score_stage
+from rsvc_cli.stages.regress import prepare_pair, regress
+
+R20, R56 = CHECKPOINTS["cifar_resnet20"], CHECKPOINTS["cifar_resnet56"]
+# Small but real: 3 classes x 30 images (6 concept / 12 regression / 12 evaluation), 16 patches each.
+CIFAR = ["dataset=cifar10", f"dataset.root={CIFAR_TEST}", "dataset.classes=[cat,dog,ship]",
+         "dataset.images_per_class=30", "importance.enabled=false"]
+
+
+def _score(store, *overrides):
+    cfg = compose("score", *CIFAR, f"store={store}", *overrides)
+    pair = prepare_pair(cfg)
+    return score_stage.score(pair, cfg, regress(pair, cfg))
+
+
+def _mean(result, direction):
+    return float(np.nanmean(np.concatenate([c["similarity"][direction] for c in result["classes"].values()])))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_against_itself_matches_its_self_baseline(store, shared_dir):
+    result = _score(store, "model1=cifar_resnet20", "model2=cifar_resnet20", f"model1.checkpoint={R20}",
+                    f"model2.checkpoint={R20}", "layer1=layer3", "layer2=layer3")
+    for c in result["classes"].values():
+        np.testing.assert_allclose(c["similarity"]["2->1"], c["similarity"]["1->1"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(c["similarity"]["1->2"], c["similarity"]["2->2"], rtol=0, atol=1e-9)
+    assert _mean(result, "2->1") >= 0.9
+    # the concept-correlation table of a model with itself has a unit diagonal
+    for c in result["classes"].values():
+        np.testing.assert_allclose(np.diag(c["concept_correlation"]), 1.0, atol=1e-6)
+        assert c["cka"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_trained_pair_is_more_similar_than_a_random_network(store, shared_dir):
+    trained = _score(store, "model1=cifar_resnet20", "model2=cifar_resnet56", f"model1.checkpoint={R20}",
+                     f"model2.checkpoint={R56}")
+    random = _score(store, "model1=cifar_resnet20", "model2=cifar_resnet56", f"model1.checkpoint={R20}")
+    assert _mean(trained, "2->1") > _mean(random, "2->1") + 0.1
+    # the self baselines bound the cross predictions on average
+    assert _mean(trained, "1->1") > _mean(trained, "2->1")
+    # the results table has one row per class x concept x direction
+    table = trained["path"].with_suffix(".csv")
+    n_rows = sum(1 for _ in open(table)) - 1
+    assert n_rows == 3 * 2 * 10
+
+
+def test_misaligned_patches_are_refused(store):
+    base = ["model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3", "dataset.n_classes=2",
+            "dataset.images_per_class=10", "decomposition.n_concepts=3", f"store={store}"]
+    cfg = compose("regress", *base, "patch.stride=40")
+    pair = prepare_pair(cfg)
+    # Swap in model 2's activations from another patch grid: same images, other boxes.
+    other = prepare_pair(compose("regress", *base, "patch.stride=51"))
+    pair.activations2 = other.activations2
+    pair.concepts2 = other.concepts2
+    with pytest.raises(RsvcError, match="different patches"):
+        regress(pair, cfg)
+
+
+def test_fewer_samples_than_concepts_is_a_clear_error(store):
+    cfg = compose("regress", "model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3",
+                  "dataset.n_classes=2", "dataset.images_per_class=5", "patch=whole", "decomposition.n_concepts=10",
+                  f"store={store}")
+    with pytest.raises(RsvcError, match="fewer than the 10 concepts"):
+        prepare_pair(cfg)
+
+
+def test_constant_coefficient_column_is_undefined_not_zero(store):
+    """k-means coefficients are one-hot: a cluster no evaluation patch falls in is a constant column."""
+    result = _score(store, "model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3",
+                    "dataset=synthetic", "dataset.n_classes=2", "dataset.images_per_class=15",
+                    "decomposition=kmeans", "decomposition.n_concepts=12", "regression=ridge")
+    similarities = np.concatenate([c["similarity"]["2->1"] for c in result["classes"].values()])
+    assert np.isnan(similarities).any(), "a constant column must give NaN (undefined), never 0"
+    assert np.isfinite(similarities).any()
+
+
+def test_signed_activations_need_a_declared_treatment(store):
+    args = ["model1=test_vit", "model2=test_vit", "layer1=blocks.0", "layer2=blocks.1", "dataset.n_classes=2",
+            "dataset.images_per_class=10", "decomposition.n_concepts=3", f"store={store}"]
+    with pytest.raises(RsvcError, match="clamp|split|semi_nmf"):
+        prepare_pair(compose("regress", *args))
+    pair = prepare_pair(compose("regress", *args, "decomposition.signed=split"))
+    with h5py.File(pair.concepts1[0], "r") as f:
+        name = next(iter(f["classes"]))
+        assert f["classes"][name]["concept_basis"].shape[1] == 2 * 64  # [relu(x), relu(-x)]
