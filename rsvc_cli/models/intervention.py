@@ -94,8 +94,10 @@ class _SingleCallHook:
                 fix="Pick a layer whose output is a single tensor (a block or stage, not an attention "
                 "module returning a tuple).",
             )
-        self.output = output
+        # Copies both ways: a later in-place op (timm's ReLU(inplace=True) after a norm layer) would
+        # otherwise rewrite the recorded output, or the caller's replacement tensor.
         if self.replacement is None:
+            self.output = output.detach().clone()
             return None
         if self.replacement.shape != output.shape:
             raise RsvcError(
@@ -104,7 +106,7 @@ class _SingleCallHook:
                 fix="Rebuild the replacement in the layer's layout (to_positions' restore function "
                 "does this) and for the same images.",
             )
-        return self.replacement.to(dtype=output.dtype, device=output.device)
+        return self.replacement.to(dtype=output.dtype, device=output.device, copy=True)
 
 
 def _forward_with_hook(module: nn.Module, layer_name: str, images: torch.Tensor, hook: _SingleCallHook):
@@ -124,7 +126,7 @@ def _forward_with_hook(module: nn.Module, layer_name: str, images: torch.Tensor,
 
 
 def capture_layer_output(module: nn.Module, layer_name: str, images: torch.Tensor) -> torch.Tensor:
-    """The raw output of ``layer_name`` on ``images``: (n, c, h, w), (n, t, d) or (n, d), as the layer gives it."""
+    """The raw output of ``layer_name`` on ``images``, as the layer gives it: (n, c, h, w), (n, t, d)..."""
     hook = _SingleCallHook(layer_name)
     with _inference_state(module), torch.no_grad():
         _forward_with_hook(module, layer_name, images, hook)
