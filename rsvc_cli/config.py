@@ -126,6 +126,9 @@ class ImportanceConfig:
     steps: int = 30
     baseline: str = "zero"
     replacement_mix: float = 0.5
+    # Keep what the concepts do not explain (activations - U W) in the rebuilt layer. DESIGN rebuilds
+    # from U W alone (false); at intermediate layers with few concepts that can move the logits far.
+    residual: bool = False
     # Evaluation patches per class that go through the network (IG costs `steps` passes each).
     max_patches_per_class: int = 64
 

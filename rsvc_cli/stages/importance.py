@@ -121,7 +121,8 @@ def _write(f, pair, cfg, result: dict, owner: int) -> None:
             raise RsvcError(f"Importance needs non-negative concept coefficients; decomposition.method={concepts.method} has none.",
                             "Use decomposition=nmf or decomposition=semi_nmf, or importance.enabled=false.")
         U = nnls(positions_for_nnls, basis)
-        head = make_concept_head(module, layer, inputs, rebuild_basis, restore)
+        residual = positions - U @ rebuild_basis if cfg.importance.residual else None
+        head = make_concept_head(module, layer, inputs, rebuild_basis, restore, residual=residual)
         target = torch.full((len(rows),), c, dtype=torch.long, device=device)
         attributions, gap = integrated_gradients(head, U, target, steps=steps, return_delta=True)
         g = f.create_group(f"classes/{name}")
