@@ -19,6 +19,7 @@ batch entry, like sklearn's ``NMF.reconstruction_err_``) and ``n_iter_`` (per ba
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -37,8 +38,6 @@ __all__ = [
 SIGN_TREATMENTS = ("error", "clamp", "split")
 # NNDSVD: entries below this are zero, as in scikit-learn's _initialize_nmf (eps=1e-6).
 _NNDSVD_EPS = 1e-6
-# Cap on the coordinate-descent sweeps that reuse one product with the activations.
-_MAX_INNER_SWEEPS = 1
 _DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -47,6 +46,8 @@ class _Decomposition:
 
     _name = "decomposition"
     _needs_nonnegative = False
+    # Factorizations need n_concepts <= min(n_samples, n_features); k-means only <= n_samples.
+    _concepts_bounded_by_features = True
 
     def fit_transform(self, activations) -> torch.Tensor:
         return self.fit(activations).coefficients_
@@ -69,7 +70,7 @@ class _Decomposition:
 
     def _validated(self, activations) -> torch.Tensor:
         n_concepts = self.n_concepts
-        if not isinstance(n_concepts, int) or isinstance(n_concepts, bool) or n_concepts < 1:
+        if not isinstance(n_concepts, numbers.Integral) or isinstance(n_concepts, bool) or n_concepts < 1:
             raise RsvcError(
                 problem=f"decomposition.n_concepts must be a positive integer, got {n_concepts!r}.",
                 fix="Set decomposition.n_concepts to the number of concepts to extract (10 by default).",
@@ -90,12 +91,12 @@ class _Decomposition:
                 fix="Pass one row per patch (and optionally leading batch dimensions such as classes).",
             )
         n_samples, n_features = activations.shape[-2:]
-        limit = n_samples if self._name == "KMeans" else min(n_samples, n_features)
-        if n_concepts > limit:
+        bounded = self._concepts_bounded_by_features
+        if n_concepts > (min(n_samples, n_features) if bounded else n_samples):
             raise RsvcError(
                 problem=f"{self._name} cannot extract {n_concepts} concepts from {n_samples} samples "
                 f"with {n_features} features: it needs at least as many "
-                f"{'samples' if self._name == 'KMeans' else 'samples and features'} as concepts.",
+                f"{'samples and features' if bounded else 'samples'} as concepts.",
                 fix="Lower decomposition.n_concepts, or use more images (patches) in the concept set.",
             )
         if not _all_finite(activations):
@@ -104,7 +105,7 @@ class _Decomposition:
                 fix="Check the extracted activations of this layer (a diverged checkpoint or a broken "
                 "image); re-extract them once the cause is fixed.",
             )
-        if self._needs_nonnegative and bool((activations < 0).any()):
+        if self._needs_nonnegative and activations.numel() and float(activations.min()) < 0:
             fraction = float((activations < 0).double().mean())
             raise RsvcError(
                 problem=f"{self._name} needs non-negative activations, but {fraction:.1%} of these are "
@@ -114,16 +115,24 @@ class _Decomposition:
             )
         return activations
 
+    def _store(self, batch_shape, flat, coefficients, concept_basis, n_iter):
+        """Learned attributes of a factorization of the flattened batch ``flat`` (B, n, d)."""
+        self.coefficients_ = coefficients.reshape(*batch_shape, *coefficients.shape[-2:])
+        self.concept_basis_ = concept_basis.reshape(*batch_shape, *concept_basis.shape[-2:])
+        self.reconstruction_error_ = _reconstruction_error(flat, coefficients, concept_basis).reshape(batch_shape)
+        self.n_iter_ = n_iter.reshape(batch_shape)
+
 
 class NMF(_Decomposition):
     """Non-negative matrix factorization A ~ U W with U, W >= 0.
 
-    Same algorithm as ``sklearn.decomposition.NMF(solver="cd", beta_loss="frobenius")``: NNDSVD
-    initialization from a seeded randomized SVD, then per iteration one coordinate-descent sweep over
-    the concepts for U and one for W, stopping when the summed projected-gradient violation falls
-    below ``tol`` times that of the first iteration. ``init``: "nndsvd", "nndsvda" (zeros filled with
-    the mean activation, better when concepts are sparse) or "nndsvdar" (small random fill).
-    ``dtype``: None computes in the activations' floating dtype, or "float32"/"float64".
+    The algorithm of ``sklearn.decomposition.NMF(solver="cd", beta_loss="frobenius")``: NNDSVD
+    initialization from a seeded randomized SVD, then per iteration one coordinate-descent (HALS)
+    sweep over the concepts for U and one for W, stopping when the summed projected-gradient
+    violation falls below ``tol`` times that of the first iteration (same iterates as scikit-learn
+    up to rounding and the SVD's random probe). ``init``: "nndsvd", "nndsvda" (zeros filled with the
+    mean activation) or "nndsvdar" (small random fill). ``dtype``: None computes in the activations'
+    floating dtype, or "float32"/"float64".
     """
 
     _name = "NMF"
@@ -152,14 +161,8 @@ class NMF(_Decomposition):
         self._store(batch_shape, flat, coefficients, concept_basis, n_iter)
         return self
 
-    def _store(self, batch_shape, flat, coefficients, concept_basis, n_iter):
-        self.coefficients_ = coefficients.reshape(*batch_shape, *coefficients.shape[-2:])
-        self.concept_basis_ = concept_basis.reshape(*batch_shape, *concept_basis.shape[-2:])
-        self.reconstruction_error_ = _reconstruction_error(flat, coefficients, concept_basis).reshape(batch_shape)
-        self.n_iter_ = n_iter.reshape(batch_shape)
 
-
-class SemiNMF(NMF):
+class SemiNMF(_Decomposition):
     """Semi-NMF A ~ U W with U >= 0 and a signed concept basis W, for signed activations.
 
     Ding, Li & Jordan, "Convex and semi-nonnegative matrix factorizations" (TPAMI 2010): W is the
@@ -169,7 +172,6 @@ class SemiNMF(NMF):
     """
 
     _name = "SemiNMF"
-    _needs_nonnegative = False
 
     def __init__(self, n_concepts=10, max_iter=500, tol=1e-5, seed=0, dtype=None):
         self.n_concepts = n_concepts
@@ -236,6 +238,7 @@ class KMeans(_Decomposition):
     """
 
     _name = "KMeans"
+    _concepts_bounded_by_features = False
 
     def __init__(self, n_concepts=10, seed=0, max_iter=300, tol=1e-4, dtype=None):
         self.n_concepts = n_concepts
@@ -298,7 +301,7 @@ def apply_sign_treatment(activations, signed: str = "error") -> torch.Tensor:
     if signed == "split":
         return torch.cat([activations.clamp_min(0), (-activations).clamp_min(0)], dim=-1)
     if signed == "error":
-        if bool((activations < 0).any()):
+        if activations.numel() and float(activations.min()) < 0:
             raise RsvcError(
                 problem=f"The activations have negative values ({float((activations < 0).double().mean()):.1%} "
                 "of entries) but no treatment for signed activations is set.",
@@ -375,48 +378,37 @@ def _randomized_svd(matrix, rank, seed, n_oversamples=10):
     # One probe for every batch entry: an entry's result does not depend on its position in the batch.
     probe = torch.randn(n_cols, width, generator=generator, dtype=torch.float64).to(matrix)
     basis = torch.linalg.qr(matrix @ probe).Q
+    # A^T Q is formed as (Q^T A)^T: a product that reads A row-major is the faster one.
     for _ in range(n_power_iter):
-        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.mT @ basis).Q).Q
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr((basis.mT @ matrix).mT).Q).Q
     # SVD of the tall (d, width) transpose: LAPACK is much faster on tall than on wide matrices.
-    right_t, singular_values, small_left_t = torch.linalg.svd(matrix.mT @ basis, full_matrices=False)
+    right_t, singular_values, small_left_t = torch.linalg.svd((basis.mT @ matrix).mT, full_matrices=False)
     left = basis @ small_left_t.mT
     right = right_t.mT
     return left[..., :rank], singular_values[..., :rank], right[..., :rank, :]
 
 
-def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_iter, tol, inner_sweeps=None):
-    """scikit-learn's NMF coordinate descent (``_fit_coordinate_descent``), batched and accelerated.
+def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_iter, tol):
+    """scikit-learn's NMF coordinate descent (``_fit_coordinate_descent``), batched: same iterates.
 
     Factors are kept concept-major, coefficients as U^T (B, k, n), so that the update of concept t
     touches one contiguous row for every batch entry and sample at once. The k concepts are visited
     one after another: each update uses the ones before it (Gauss-Seidel), which is what makes the
     iteration monotone, so that loop cannot be vectorized without changing the algorithm.
-
-    Acceleration (Gillis & Glineur, "Accelerated multiplicative updates and hierarchical ALS
-    algorithms for NMF", Neural Computation 2012): the products with A (A W^T, U^T A) cost d/k
-    (resp. n/k) times more than a sweep, and on a batch they stream A from memory, so each is reused
-    for several sweeps. The violation (summed |projected gradient|, scikit-learn's stopping measure)
-    is taken on the first sweep of each factor, as scikit-learn takes it on its only sweep.
     """
-    n_batch, n_samples, n_features = activations.shape
-    n_concepts = coefficients.shape[-1]
-    if inner_sweeps is None:
-        inner_sweeps = (_inner_sweeps(n_features, n_concepts), _inner_sweeps(n_samples, n_concepts))
+    n_batch = activations.shape[0]
     coefficients_t = coefficients.mT.contiguous()
     concept_basis = concept_basis.contiguous()
     tracker = _ConvergenceTracker(n_batch, activations.device, (coefficients_t, concept_basis))
     violation_init = None
     for iteration in range(1, max_iter + 1):
         # U step (sklearn's "update W"): gradient of 1/2 ||A - U W||^2 in U is U (W W^T) - A W^T.
-        gram, cross = concept_basis @ concept_basis.mT, (activations @ concept_basis.mT).mT
+        # (B, n, d) @ (B, d, k) with a contiguous right factor: the fastest layout for this product.
+        gram, cross = concept_basis @ concept_basis.mT, (activations @ concept_basis.mT.contiguous()).mT
         violation = _coordinate_descent_sweep(coefficients_t, gram, cross, track_violation=True)
-        for _ in range(inner_sweeps[0] - 1):
-            _coordinate_descent_sweep(coefficients_t, gram, cross)
         # W step: gradient in W is (U^T U) W - U^T A.
         gram, cross = coefficients_t @ coefficients_t.mT, coefficients_t @ activations
         violation += _coordinate_descent_sweep(concept_basis, gram, cross, track_violation=True)
-        for _ in range(inner_sweeps[1] - 1):
-            _coordinate_descent_sweep(concept_basis, gram, cross)
         if violation_init is None:
             violation_init = violation
         converged = (violation_init == 0) | (violation <= tol * violation_init)
@@ -424,12 +416,6 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
             break
     coefficients_t, concept_basis = tracker.result()
     return coefficients_t.mT.contiguous(), concept_basis, tracker.n_iter
-
-
-def _inner_sweeps(n_other, n_concepts):
-    """Sweeps per product with A: Gillis & Glineur's 1 + alpha * rho with alpha = 0.5 and rho the
-    cost ratio of the product to a sweep (n_other / n_concepts), capped to keep sweeps a minority."""
-    return int(min(_MAX_INNER_SWEEPS, 1 + 0.5 * n_other / (n_concepts + 1)))
 
 
 def _coordinate_descent_sweep(factor, gram, cross, track_violation=False):
@@ -601,16 +587,21 @@ def _flatten_batch(activations):
 
 
 def _reconstruction_error(activations, coefficients, concept_basis):
-    """||A - U W||_F per batch entry in float64, a few batch entries at a time to bound memory."""
-    per_chunk = max(1, 2**25 // max(1, activations.shape[-2] * activations.shape[-1]))
-    return torch.cat(
-        [
-            _frobenius(a - u @ w)
-            for a, u, w in zip(
-                activations.split(per_chunk), coefficients.split(per_chunk), concept_basis.split(per_chunk)
-            )
-        ]
-    )
+    """||A - U W||_F per batch entry, from the residual itself (no cancellation), a few batch
+    entries at a time through one reused buffer; row sums in the working dtype, totals in float64."""
+    n_batch, n_samples, n_features = activations.shape
+    per_chunk = max(1, min(n_batch, 2**24 // max(1, n_samples * n_features)))
+    buffer = torch.empty(per_chunk, n_samples, n_features, dtype=activations.dtype, device=activations.device)
+    errors = torch.empty(n_batch, dtype=torch.float64, device=activations.device)
+    for start in range(0, n_batch, per_chunk):
+        chunk = slice(start, start + per_chunk)
+        count = activations[chunk].shape[0]
+        residual = torch.baddbmm(
+            activations[chunk], coefficients[chunk].to(activations.dtype), concept_basis[chunk].to(activations.dtype),
+            alpha=-1, out=buffer[:count],
+        )
+        errors[chunk] = residual.mul_(residual).sum(-1).to(torch.float64).sum(-1).sqrt()
+    return errors
 
 
 def _frobenius(residual):
@@ -625,7 +616,7 @@ def _as_float_tensor(values, device=None) -> torch.Tensor:
 
 
 def _all_finite(tensor) -> bool:
-    """Cheap first: a float64 sum is finite for finite float32 data; check element-wise only if not."""
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+    """Cheap first: the sum of finite values is finite unless it overflows; check element-wise if not."""
+    if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())

@@ -172,12 +172,14 @@ def solve_lasso_gram(gram, cross, target_variance, alpha, max_iter, tol):
         # At least twice the support: once a subproblem is solved, the features ranked after the
         # support are exactly the remaining violators, so every round admits some of them.
         size = min(n_features, max(_INITIAL_WORKING_SET, 2 * largest_support))
-        working_set = priority.topk(size, dim=-1).indices
+        # Sorted, so that gathering each problem's Q_ws walks the Gram matrix in memory order.
+        working_set = priority.topk(size, dim=-1).indices.sort(dim=-1).values
         chunk = max(1, _WORKING_SET_CHUNK_ELEMENTS // (size * size))
         for start in range(0, len(batch_index), chunk):
             rows = slice(start, start + chunk)
             b, ws = batch_index[rows], working_set[rows]
-            sub_gram = gram[b[:, None, None], ws[:, :, None], ws[:, None, :]]
+            flat_index = (b * n_features * n_features)[:, None, None] + ws[:, :, None] * n_features + ws[:, None, :]
+            sub_gram = torch.take(gram, flat_index)  # Q_ws per problem (P, m, m)
             sub_cross = cross[b[:, None], ws, target_index[rows][:, None]]
             sub_weights, sweeps = _solve_lasso_subproblem(
                 sub_gram, sub_cross, weights[rows].gather(1, ws), alpha, max_iter - n_iter[b, target_index[rows]]
@@ -204,7 +206,8 @@ def _solve_lasso_subproblem(gram, cross, weights, alpha, sweep_budget):
 
     Coordinate descent (the loop over the m coordinates is inherent to the method; each update is
     vectorized over the problems) alternates with an exact solve on the current support and signs,
-    accepted per problem when it keeps the signs and satisfies the KKT conditions.
+    tried on the problems whose support and signs survived the last sweep unchanged and accepted
+    when it keeps the signs and satisfies the KKT conditions.
     """
     n_problems, size = cross.shape
     weights = weights.clone()
@@ -214,23 +217,31 @@ def _solve_lasso_subproblem(gram, cross, weights, alpha, sweep_budget):
     open_rows = torch.arange(n_problems, device=cross.device)
     budget = sweep_budget.clone()
     while open_rows.numel() > 0:
-        g, c, w = gram[open_rows], cross[open_rows], weights[open_rows]
+        everything = open_rows.numel() == n_problems
+        g = gram if everything else gram[open_rows]
+        c, w = cross[open_rows], weights[open_rows]
         d, inv_d = diagonal[open_rows], inverse_diagonal[open_rows]
         n_sweeps = int(min(_SWEEPS_PER_FINISH, int(budget[open_rows].max())))
         residual = c - (g @ w.unsqueeze(-1)).squeeze(-1)  # C - Q w
-        for _ in range(n_sweeps):
+        for sweep in range(n_sweeps):
+            if sweep == n_sweeps - 1:
+                signs_before = torch.sign(w)
             for j in range(size):
-                old = w[:, j]
-                z = residual[:, j] + d[:, j] * old
-                new = torch.sign(z) * (z.abs() - alpha).clamp_min(0) * inv_d[:, j]
-                residual.sub_(g[:, :, j] * (new - old).unsqueeze(-1))
+                old = w[:, j].clone()
+                new = torch.nn.functional.softshrink(torch.addcmul(residual[:, j], d[:, j], old), alpha)
+                new.mul_(inv_d[:, j])
+                residual.addcmul_(g[:, j, :], (old - new).unsqueeze(-1))  # rows of Q: symmetric
                 w[:, j] = new
         sweeps[open_rows] += n_sweeps
         budget[open_rows] -= n_sweeps
-        exact, solved = _lasso_on_support(g, c, w, alpha)
-        w = torch.where(solved[:, None], exact, w)
+        solved = torch.zeros(len(open_rows), dtype=torch.bool, device=cross.device)
+        settled = (torch.sign(w) == signs_before).all(-1).nonzero().squeeze(-1)
+        if settled.numel() > 0:
+            exact, solved_settled = _lasso_on_support(g[settled], c[settled], w[settled], alpha)
+            w[settled] = torch.where(solved_settled[:, None], exact, w[settled])
+            solved[settled] = solved_settled
         weights[open_rows] = w
-        # Problems whose exact step failed go on sweeping (the support or signs are still moving).
+        # Problems not solved exactly go on sweeping (their support or signs are still moving).
         open_rows = open_rows[~solved & (budget[open_rows] > 0)]
     return weights, sweeps
 
@@ -395,6 +406,11 @@ def cross_validate(X, Y, fold_of_row, regressor, standardize: bool = True) -> Cr
     training rows only (constant columns get scale 1, like StandardScaler); held-out rows never
     enter a fold's statistics.
     """
+    if not isinstance(regressor, _Regressor):
+        raise RsvcError(
+            problem=f"cross_validate needs one of rsvc's regressors, got {type(regressor).__name__}.",
+            fix="Pass Lasso(...), Ridge(...) or LinearRegression() from rsvc_cli.algorithms.regression.",
+        )
     X, Y = _check_xy(X, Y, to_float64=False)
     if X.ndim != 3:
         raise RsvcError(
@@ -424,7 +440,8 @@ def cross_validate(X, Y, fold_of_row, regressor, standardize: bool = True) -> Cr
 
     def train_only(per_fold):
         """Sums over every fold but one, in place: (sum over all folds) - (this fold's sum)."""
-        return per_fold.neg_().add_(per_fold.sum(1, keepdim=True).neg_())
+        total = per_fold.sum(1, keepdim=True)
+        return per_fold.neg_().add_(total)
 
     # Rows were shifted by their batch entry's overall mean (sums.x_shift) before summing, so the
     # second moments below do not cancel catastrophically. The (B, F, p, p) moments are large:
@@ -474,11 +491,13 @@ def _held_out_prediction(X, fold_of_row, weights, offsets):
     n_batch, n_samples, n_features = X.shape
     n_folds, n_targets = offsets.shape[-2:]
     stacked = weights.permute(0, 2, 1, 3).reshape(n_batch, n_features, n_folds * n_targets)
-    per_chunk = max(1, _STATISTICS_CHUNK_ELEMENTS // max(1, n_samples * n_features))
+    per_chunk = max(1, min(n_batch, _STATISTICS_CHUNK_ELEMENTS // max(1, n_samples * n_features)))
+    buffer = None if X.dtype == torch.float64 else torch.empty(per_chunk, n_samples, n_features, **_float64(X))
     parts = []
     for i in range(0, n_batch, per_chunk):
         chunk = slice(i, i + per_chunk)
-        every_fold = X[chunk].to(torch.float64) @ stacked[chunk]
+        rows = X[chunk] if buffer is None else buffer[: X[chunk].shape[0]].copy_(X[chunk])
+        every_fold = rows @ stacked[chunk]
         every_fold = every_fold.reshape(-1, n_samples, n_folds, n_targets) + offsets[chunk].unsqueeze(1)
         index = fold_of_row[chunk][:, :, None, None].expand(-1, -1, 1, n_targets)
         parts.append(every_fold.gather(2, index).squeeze(2))
@@ -498,53 +517,78 @@ class _FoldSums:
 
 
 def _per_fold_sums(X, Y, fold_of_row, n_folds):
-    """Sums over each fold's rows in float64, every row used once, a few batch entries at a time
-    (bounded memory; the inputs may stay float32 until here)."""
-    n_batch, n_samples, n_features = X.shape
-    per_chunk = max(1, _STATISTICS_CHUNK_ELEMENTS // max(1, n_samples * (n_features + Y.shape[-1])))
-    if per_chunk >= n_batch:
-        return _per_fold_sums_chunk(X, Y, fold_of_row, n_folds)
-    parts = [
-        _per_fold_sums_chunk(X[i : i + per_chunk], Y[i : i + per_chunk], fold_of_row[i : i + per_chunk], n_folds)
-        for i in range(0, n_batch, per_chunk)
-    ]
-    return _FoldSums(*(torch.cat(tensors) for tensors in zip(*(vars(part).values() for part in parts))))
+    """Sums over each fold's rows in float64, every row used once.
 
-
-def _per_fold_sums_chunk(X, Y, fold_of_row, n_folds):
-    """Rows are placed by fold into a zero-padded (B, F, longest fold, .) layout, so one batched
-    product per statistic covers all folds; rows are shifted by their batch entry's mean first so
-    that the second moments do not cancel catastrophically later."""
+    Rows are gathered by fold into a (B, F, longest fold, .) layout (padding rows zeroed), so one
+    batched product per statistic covers every fold of every batch entry. Each batch entry is
+    shifted by its own mean first so that the second moments do not cancel catastrophically when
+    they become covariances. A few batch entries at a time go through reused buffers: bounded
+    memory, float32 inputs stay float32 until here, and no fresh multi-GB allocations.
+    """
     n_batch, n_samples, n_features = X.shape
     n_targets = Y.shape[-1]
+    device = X.device
     count = torch.nn.functional.one_hot(fold_of_row, n_folds).sum(1)  # (B, F)
     longest = int(count.max())
-    order = torch.argsort(fold_of_row, dim=-1, stable=True)
-    sorted_fold = fold_of_row.gather(1, order)
-    start = torch.cumsum(count, dim=-1) - count
-    sorted_slot = torch.arange(n_samples, device=X.device) - start.gather(1, sorted_fold)
-    slot = torch.empty_like(sorted_slot).scatter_(1, order, sorted_slot)
-    destination = (fold_of_row * longest + slot)[..., None]  # row -> place in the padded layout
+    order = torch.argsort(fold_of_row, dim=-1, stable=True)  # rows sorted by fold
+    slot = torch.arange(longest, device=device)
+    position = (torch.cumsum(count, dim=-1) - count).unsqueeze(-1) + slot  # (B, F, longest) in `order`
+    valid = slot < count.unsqueeze(-1)
+    source = order.gather(1, position.clamp_max(n_samples - 1).reshape(n_batch, -1))  # (B, F * longest)
+    padding_mask = None if bool(valid.all()) else valid.reshape(n_batch, -1, 1)
 
-    def padded(values):
-        shift = values.mean(-2, dtype=torch.float64)
-        shifted = values - shift.unsqueeze(1)  # float64 (type promotion), one pass
-        layout = shifted.new_zeros(n_batch, n_folds * longest, values.shape[-1])
-        layout.scatter_(1, destination.expand(-1, -1, values.shape[-1]), shifted)
-        return shift, layout.reshape(n_batch, n_folds, longest, -1)
-
-    x_shift, padded_x = padded(X)
-    y_shift, padded_y = padded(Y)
-    return _FoldSums(
+    float64 = dict(dtype=torch.float64, device=device)
+    sums = _FoldSums(
         count=count,
-        x_shift=x_shift,
-        y_shift=y_shift,
-        x_sum=padded_x.sum(-2),
-        y_sum=padded_y.sum(-2),
-        xx=padded_x.mT @ padded_x,
-        xy=padded_x.mT @ padded_y,
-        yy=padded_y.pow(2).sum(-2),
+        x_shift=torch.empty(n_batch, n_features, **float64),
+        y_shift=torch.empty(n_batch, n_targets, **float64),
+        x_sum=torch.empty(n_batch, n_folds, n_features, **float64),
+        y_sum=torch.empty(n_batch, n_folds, n_targets, **float64),
+        xx=torch.empty(n_batch, n_folds, n_features, n_features, **float64),
+        xy=torch.empty(n_batch, n_folds, n_features, n_targets, **float64),
+        yy=torch.empty(n_batch, n_folds, n_targets, **float64),
     )
+    per_chunk = max(1, min(n_batch, _STATISTICS_CHUNK_ELEMENTS // max(1, n_samples * (n_features + n_targets))))
+    x_layout = _LayoutBuffers(per_chunk, n_folds * longest, n_features, X.dtype, device)
+    y_layout = _LayoutBuffers(per_chunk, n_folds * longest, n_targets, Y.dtype, device)
+    for begin in range(0, n_batch, per_chunk):
+        chunk = slice(begin, begin + per_chunk)
+        mask = None if padding_mask is None else padding_mask[chunk]
+        x = x_layout.fill(X[chunk], source[chunk], mask, out_shift=sums.x_shift[chunk])
+        y = y_layout.fill(Y[chunk], source[chunk], mask, out_shift=sums.y_shift[chunk])
+        x = x.reshape(x.shape[0], n_folds, longest, n_features)
+        y = y.reshape(y.shape[0], n_folds, longest, n_targets)
+        torch.sum(x, dim=-2, out=sums.x_sum[chunk])
+        torch.sum(y, dim=-2, out=sums.y_sum[chunk])
+        torch.matmul(x.mT, x, out=sums.xx[chunk])
+        torch.matmul(x.mT, y, out=sums.xy[chunk])
+        torch.sum(y * y, dim=-2, out=sums.yy[chunk])
+    return sums
+
+
+class _LayoutBuffers:
+    """Reused buffers that take a chunk of rows to the fold layout, in float64, mean-shifted."""
+
+    def __init__(self, n_batch, n_slots, n_columns, dtype, device):
+        self.gathered = None if dtype == torch.float64 else torch.empty(n_batch, n_slots, n_columns, dtype=dtype, device=device)
+        self.layout = torch.empty(n_batch, n_slots, n_columns, dtype=torch.float64, device=device)
+
+    def fill(self, values, source, padding_mask, out_shift):
+        n = values.shape[0]
+        layout = self.layout[:n]
+        index = source.unsqueeze(-1).expand(-1, -1, values.shape[-1])
+        if self.gathered is None:
+            torch.gather(values, 1, index, out=layout)
+        else:
+            gathered = self.gathered[:n]
+            torch.gather(values, 1, index, out=gathered)
+            layout.copy_(gathered)
+        # Any shift near the mean serves; the native-dtype mean avoids a float64 pass over the data.
+        out_shift.copy_(values.mean(-2))
+        layout.sub_(out_shift.unsqueeze(1))
+        if padding_mask is not None:
+            layout.mul_(padding_mask)
+        return layout
 
 
 def _subtract_outer(matrix, left, right):
@@ -563,6 +607,10 @@ def _scale(variance, mean):
 
 # ---------------------------------------------------------------------------------------------
 # Checks
+
+
+def _float64(like):
+    return dict(dtype=torch.float64, device=like.device)
 
 
 def _as_float64(values, device=None) -> torch.Tensor:
@@ -593,8 +641,8 @@ def _check_xy(X, Y, to_float64=True):
 
 
 def _all_finite(tensor) -> bool:
-    """Cheap first: a float64 sum is finite for finite data; check element-wise only if not."""
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+    """Cheap first: the sum of finite values is finite unless it overflows; check element-wise if not."""
+    if bool(torch.isfinite(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
 
