@@ -103,7 +103,9 @@ def main() -> None:
                 sklearn_seconds += time.perf_counter() - start
                 x64, y64 = x_train.astype(np.float64), y_train.astype(np.float64)
                 for target in range(args.targets):
-                    reference = lasso_objective(x64, y64[:, target], model.coef_[target], model.intercept_[target], args.alpha)
+                    reference = lasso_objective(
+                        x64, y64[:, target], model.coef_[target], model.intercept_[target], args.alpha
+                    )
                     mine = lasso_objective(x64, y64[:, target], ours_coef[class_index, fold, target],
                                            ours_intercept[class_index, fold, target], args.alpha)
                     relative.append((mine - reference) / reference)

@@ -4,7 +4,8 @@
 
 Inputs look like what rsvc feeds the solver: ReLU-like activations (float32) generated from a sparse
 non-negative concept basis and sparse non-negative coefficients plus noise, so the exact solutions
-have many zeros (the hard case for an active-set solver). Prints both timings, their ratio, and how far rsvc's coefficients are from scipy's.
+have many zeros (the hard case for an active-set solver). Prints both timings, their ratio, and how
+far rsvc's coefficients are from scipy's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from rsvc_cli.algorithms.nnls import nnls
 def make_problem(n_rows: int, n_concepts: int, n_features: int, seed: int = 0):
     generator = np.random.default_rng(seed)
     basis = generator.exponential(1.0, (n_concepts, n_features)) * (generator.random((n_concepts, n_features)) < 0.3)
-    true_coefficients = generator.exponential(1.0, (n_rows, n_concepts)) * (generator.random((n_rows, n_concepts)) < 0.4)
+    true_coefficients = generator.exponential(1.0, (n_rows, n_concepts))
+    true_coefficients *= generator.random((n_rows, n_concepts)) < 0.4
     # Noise and a negative bias before the ReLU: about half of the activations and a third of the
     # exact coefficients are zero, and nearly every row has some zero coefficient.
     activations = true_coefficients @ basis + 0.5 * generator.standard_normal((n_rows, n_features)) - 0.3

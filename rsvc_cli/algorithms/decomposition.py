@@ -185,7 +185,8 @@ class SemiNMF(_Decomposition):
         batch_shape, flat = _flatten_batch(activations)
         kmeans = KMeans(self.n_concepts, seed=self.seed, max_iter=20).fit(flat)
         coefficients = kmeans.coefficients_ + 0.2
-        coefficients, concept_basis, n_iter = _fit_semi_nmf(flat, coefficients, self.max_iter, self.tol)
+        coefficients, n_iter = _fit_semi_nmf(flat, coefficients, self.max_iter, self.tol)
+        concept_basis = _least_squares_basis(flat, coefficients)
         self._store(batch_shape, flat, coefficients, concept_basis, n_iter)
         return self
 
@@ -396,11 +397,11 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
     one after another: each update uses the ones before it (Gauss-Seidel), which is what makes the
     iteration monotone, so that loop cannot be vectorized without changing the algorithm.
     """
-    n_batch = activations.shape[0]
     coefficients_t = coefficients.mT.contiguous()
     concept_basis = concept_basis.contiguous()
-    tracker = _ConvergenceTracker(n_batch, activations.device, (coefficients_t, concept_basis))
+    tracker = _BatchConvergence((coefficients_t, concept_basis))
     violation_init = None
+    iteration = 0
     for iteration in range(1, max_iter + 1):
         # U step (sklearn's "update W"): gradient of 1/2 ||A - U W||^2 in U is U (W W^T) - A W^T.
         # (B, n, d) @ (B, d, k) with a contiguous right factor: the fastest layout for this product.
@@ -412,9 +413,13 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
         if violation_init is None:
             violation_init = violation
         converged = (violation_init == 0) | (violation <= tol * violation_init)
-        if tracker.update(converged, iteration):
-            break
-    coefficients_t, concept_basis = tracker.result()
+        keep = tracker.update((coefficients_t, concept_basis), converged, iteration)
+        if keep is not None:
+            if keep.numel() == 0:
+                break
+            activations, coefficients_t, concept_basis = activations[keep], coefficients_t[keep], concept_basis[keep]
+            violation_init = violation_init[keep]
+    coefficients_t, concept_basis = tracker.finish((coefficients_t, concept_basis), iteration)
     return coefficients_t.mT.contiguous(), concept_basis, tracker.n_iter
 
 
@@ -445,8 +450,9 @@ def _coordinate_descent_sweep(factor, gram, cross, track_violation=False):
 
 def _fit_semi_nmf(activations, coefficients, max_iter, tol):
     squared_norm = activations.pow(2).sum(dim=(-2, -1), dtype=torch.float64)
-    tracker = _ConvergenceTracker(activations.shape[0], activations.device, (coefficients,))
+    tracker = _BatchConvergence((coefficients,))
     previous_error = None
+    iteration = 0
     for iteration in range(1, max_iter + 1):
         concept_basis = _least_squares_basis(activations, coefficients)
         cross = activations @ concept_basis.mT  # A W^T (B, n, k)
@@ -454,17 +460,19 @@ def _fit_semi_nmf(activations, coefficients, max_iter, tol):
         # ||A - U W||^2 with W the least-squares basis for U equals ||A||^2 - <U, A W^T>.
         error = (squared_norm - (coefficients * cross).sum(dim=(-2, -1), dtype=torch.float64)).clamp_min(0)
         if previous_error is not None:
-            converged = previous_error - error <= tol * previous_error
-            if tracker.update(converged, iteration):
-                break
+            keep = tracker.update((coefficients,), previous_error - error <= tol * previous_error, iteration)
+            if keep is not None:
+                if keep.numel() == 0:
+                    break
+                activations, coefficients, squared_norm = activations[keep], coefficients[keep], squared_norm[keep]
+                cross, gram, error = cross[keep], gram[keep], error[keep]
         previous_error = error
         numerator = cross.clamp_min(0) + coefficients @ (-gram).clamp_min(0)
         denominator = (-cross).clamp_min(0) + coefficients @ gram.clamp_min(0)
         tiny = torch.finfo(activations.dtype).tiny
         coefficients.mul_((numerator / denominator.clamp_min(tiny)).sqrt())
-    tracker.iteration = max_iter
-    (coefficients,) = tracker.result()
-    return coefficients, _least_squares_basis(activations, coefficients), tracker.n_iter
+    (coefficients,) = tracker.finish((coefficients,), iteration)
+    return coefficients, tracker.n_iter
 
 
 def _least_squares_basis(activations, coefficients):
@@ -509,9 +517,10 @@ def _kmeans_plus_plus(activations, n_concepts, seed):
 
 def _lloyd(activations, centroids, max_iter, tol):
     variance_scale = activations.var(dim=-2, unbiased=False).mean(-1) * tol
-    tracker = _ConvergenceTracker(activations.shape[0], activations.device, (centroids,))
+    tracker = _BatchConvergence((centroids,))
     labels, _ = _nearest(activations, centroids)
     n_concepts = centroids.shape[-2]
+    iteration = 0
     for iteration in range(1, max_iter + 1):
         membership = _one_hot(labels, n_concepts, activations.dtype)
         counts = membership.sum(-2)
@@ -522,10 +531,14 @@ def _lloyd(activations, centroids, max_iter, tol):
         new_labels, _ = _nearest(activations, centroids)
         converged = (new_labels == labels).all(-1) | (shift <= variance_scale)
         labels = new_labels
-        tracker.state = (centroids,)
-        if tracker.update(converged, iteration):
-            break
-    return tracker.result()[0], tracker.n_iter
+        keep = tracker.update((centroids,), converged, iteration)
+        if keep is not None:
+            if keep.numel() == 0:
+                break
+            activations, centroids, labels = activations[keep], centroids[keep], labels[keep]
+            variance_scale = variance_scale[keep]
+    (centroids,) = tracker.finish((centroids,), iteration)
+    return centroids, tracker.n_iter
 
 
 def _nearest(activations, centroids):
@@ -547,38 +560,48 @@ def _one_hot(labels, n_concepts, dtype):
 # helpers
 
 
-class _ConvergenceTracker:
-    """Freezes each batch entry at the iteration it converges, so its result never depends on how
-    long the other entries of the batch keep iterating. ``state`` holds the live tensors (batch
-    first); a snapshot of an entry is taken when it converges."""
+class _BatchConvergence:
+    """Per-entry convergence of a batched iteration.
 
-    def __init__(self, n_batch, device, state):
-        self.state = state
-        self.frozen = tuple(tensor.clone() for tensor in state)
-        self.converged = torch.zeros(n_batch, dtype=torch.bool, device=device)
+    An entry's result is its state at the iteration it converged, so it never depends on how long
+    the other entries of the batch keep iterating. Finished entries are dropped from the live
+    batch once they are 1/8 of it (dropping copies the live tensors, so not one at a time): the work
+    then follows each entry's own iteration count, as a loop over entries would.
+    """
+
+    def __init__(self, state):
+        self.results = tuple(tensor.clone() for tensor in state)
+        n_batch = state[0].shape[0]
+        device = state[0].device
         self.n_iter = torch.zeros(n_batch, dtype=torch.long, device=device)
+        self.origin = torch.arange(n_batch, device=device)  # original index of each live entry
+        self.finished = torch.zeros(n_batch, dtype=torch.bool, device=device)
 
-    def update(self, converged, iteration) -> bool:
-        """Record entries converged at ``iteration``; True once every entry has."""
-        self.iteration = iteration
-        newly = converged & ~self.converged
+    def update(self, state, converged, iteration):
+        """Record the live entries converged at ``iteration``. Returns None to go on with the same
+        live batch, or the live positions to keep (empty once every entry has converged)."""
+        newly = converged & ~self.finished
         if bool(newly.any()):
-            index = newly.nonzero().squeeze(-1)
-            for frozen, live in zip(self.frozen, self.state):
-                frozen[index] = live[index]
-            self.n_iter[index] = iteration
-            self.converged |= newly
-        return bool(self.converged.all())
+            self._save(state, newly.nonzero().squeeze(-1), iteration)
+            self.finished |= newly
+        n_finished = int(self.finished.sum())
+        if n_finished < max(1, len(self.finished) // 8):
+            return None
+        keep = (~self.finished).nonzero().squeeze(-1)
+        self.origin, self.finished = self.origin[keep], self.finished[keep]
+        return keep
 
-    def result(self):
-        """Frozen entries, and the live state for entries that never converged."""
-        still_open = ~self.converged
-        if bool(still_open.any()):
-            index = still_open.nonzero().squeeze(-1)
-            for frozen, live in zip(self.frozen, self.state):
-                frozen[index] = live[index]
-            self.n_iter[index] = getattr(self, "iteration", 0)
-        return self.frozen
+    def finish(self, state, iteration):
+        """The results: entries that never converged keep their last state (n_iter = iteration)."""
+        still_open = (~self.finished).nonzero().squeeze(-1)
+        if still_open.numel() > 0:
+            self._save(state, still_open, iteration)
+        return self.results
+
+    def _save(self, state, live_index, iteration):
+        for result, live in zip(self.results, state):
+            result[self.origin[live_index]] = live[live_index]
+        self.n_iter[self.origin[live_index]] = iteration
 
 
 def _flatten_batch(activations):

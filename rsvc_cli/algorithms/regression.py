@@ -570,7 +570,8 @@ class _LayoutBuffers:
     """Reused buffers that take a chunk of rows to the fold layout, in float64, mean-shifted."""
 
     def __init__(self, n_batch, n_slots, n_columns, dtype, device):
-        self.gathered = None if dtype == torch.float64 else torch.empty(n_batch, n_slots, n_columns, dtype=dtype, device=device)
+        shape = (n_batch, n_slots, n_columns)
+        self.gathered = None if dtype == torch.float64 else torch.empty(shape, dtype=dtype, device=device)
         self.layout = torch.empty(n_batch, n_slots, n_columns, dtype=torch.float64, device=device)
 
     def fill(self, values, source, padding_mask, out_shift):

@@ -136,7 +136,8 @@ def test_semi_nmf_beats_clamped_nmf_on_signed_data():
     assert float(semi.reconstruction_error_) == pytest.approx(float(residual.norm()), rel=1e-8)
     transformed = semi.transform(activations)
     assert (transformed >= 0).all()
-    assert float((activations - transformed @ semi.concept_basis_).norm()) <= float(semi.reconstruction_error_) * (1 + 1e-9)
+    transformed_error = float((activations - transformed @ semi.concept_basis_).norm())
+    assert transformed_error <= float(semi.reconstruction_error_) * (1 + 1e-9)
 
 
 def test_pca_matches_sklearn():

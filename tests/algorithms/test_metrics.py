@@ -65,7 +65,8 @@ def test_concept_correlation_table_and_mean_max():
     assert table.shape == (3, 4, 6)
     for i in range(4):
         for j in range(5):
-            assert float(table[1, i, j]) == pytest.approx(scipy_pearson(first[1, :, i], second[1, :, j]), abs=PEARSON_ATOL)
+            expected = scipy_pearson(first[1, :, i], second[1, :, j])
+            assert float(table[1, i, j]) == pytest.approx(expected, abs=PEARSON_ATOL)
     assert torch.isnan(table[..., 5]).all()
     assert torch.allclose(table[:, 2, 0], torch.ones(3, dtype=torch.float64))
     rows, columns = mean_max_correlation(table)
@@ -96,7 +97,9 @@ def song_unbiased_cka(x, y):
         np.fill_diagonal(l, 0)
         ones = np.ones(n)
         return (
-            np.trace(k @ l) + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (ones @ k @ l @ ones)
+            np.trace(k @ l)
+            + (ones @ k @ ones) * (ones @ l @ ones) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (ones @ k @ l @ ones)
         ) / (n * (n - 3))
 
     k, l = x @ x.T, y @ y.T

@@ -64,7 +64,11 @@ def test_ill_conditioned_basis_matches_scipy():
 @pytest.mark.parametrize("nonnegative", [False, True])
 def test_rank_deficient_basis_reaches_scipys_residual(nonnegative):
     rng = np.random.default_rng(4)
-    draw = (lambda *shape: np.abs(rng.standard_normal(shape))) if nonnegative else (lambda *shape: rng.standard_normal(shape))
+
+    def draw(*shape):
+        values = rng.standard_normal(shape)
+        return np.abs(values) if nonnegative else values
+
     basis = draw(8, 5) @ draw(5, 40)  # 8 concepts spanning only 5 dimensions
     activations = draw(300, 40)
     ours = nnls(torch.from_numpy(activations), torch.from_numpy(basis)).numpy()

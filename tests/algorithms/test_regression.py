@@ -52,7 +52,9 @@ def test_lasso_objective_matches_sklearn_multi_target(alpha, seed):
     assert ours.coef_.shape == (3, 40) and ours.intercept_.shape == (3,)
     for target in range(Y.shape[1]):
         reference = sklearn_lasso(X, Y[:, target], alpha)
-        ours_objective = lasso_objective(X, Y[:, target], ours.coef_[target].numpy(), float(ours.intercept_[target]), alpha)
+        ours_objective = lasso_objective(
+            X, Y[:, target], ours.coef_[target].numpy(), float(ours.intercept_[target]), alpha
+        )
         reference_objective = lasso_objective(X, Y[:, target], reference.coef_, reference.intercept_, alpha)
         assert ours_objective <= reference_objective * (1 + OBJECTIVE_RTOL)
 
@@ -67,7 +69,8 @@ def test_lasso_batched_over_leading_dimensions_and_unstandardized_data():
         i, j = divmod(index, 2)
         for target in range(3):
             reference = sklearn_lasso(x, y[:, target], 0.05)
-            mine = lasso_objective(x, y[:, target], ours.coef_[i, j, target].numpy(), float(ours.intercept_[i, j, target]), 0.05)
+            coef, intercept = ours.coef_[i, j, target].numpy(), float(ours.intercept_[i, j, target])
+            mine = lasso_objective(x, y[:, target], coef, intercept, 0.05)
             theirs = lasso_objective(x, y[:, target], reference.coef_, reference.intercept_, 0.05)
             assert mine <= theirs * (1 + OBJECTIVE_RTOL)
         np.testing.assert_allclose(
