@@ -9,10 +9,12 @@ RSVC_DEBUG=1) shows tracebacks instead.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 from rsvc_cli.errors import EXIT_USER_ERROR, RsvcError
 
@@ -96,6 +98,52 @@ def debug_enabled() -> bool:
     return os.environ.get("RSVC_DEBUG", "") not in ("", "0", "false")
 
 
+def os_user_error(err: OSError, store: str) -> RsvcError | None:
+    """The user-fixable OSErrors any write can meet (a lock, a collage, a table, not only an
+    artifact): a full disk, or a store that cannot be written. None for anything else."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" while writing {err.filename}" if err.filename else ""
+        return RsvcError(f"No space left on the device{where}; the complete artifacts in the store are untouched.",
+                         "Free disk space or point store=DIR at a larger disk, then run the same command again.")
+    in_store = bool(store) and str(err.filename or "").startswith(str(Path(store).expanduser()))
+    if in_store and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        return RsvcError(f"Cannot write {err.filename} in the store ({err.strerror}).",
+                         "Point store=DIR at a folder you can write (it is created if missing), not at a file.")
+    return None
+
+
+# Hydra flags that only print (help, config, search path): they make no run folder.
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--version"}
+# Stages whose Hydra run folder lies under the store (configs/run_settings.yaml); the others run in ".".
+STORE_RUN_DIR_STAGES = {"extract", "decompose", "regress", "score", "importance", "collage", "report", "compare",
+                        "train"}
+
+
+def check_store(stage: str, overrides: list[str]) -> None:
+    """The store must be a folder rsvc can write before Hydra makes its run folder inside it
+    (Hydra's own failure there is a traceback). As root, permission bits stop nothing: the
+    cases met are a store path naming a file, or a file on the way to it, or a read-only mount."""
+    if stage not in STORE_RUN_DIR_STAGES or any(item in INFO_FLAGS for item in overrides):
+        return
+    given = [item.partition("=")[2] for item in overrides if item.partition("=")[0].lstrip("+") == "store"]
+    store = given[-1] if given else os.environ.get("RSVC_STORE", "")
+    if not store or any(c in store for c in ",$("):  # a sweep or an interpolation: Hydra resolves it
+        return
+    path = Path(store).expanduser()
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    reason = f"{blocker} is a file" if blocker is not None else None
+    if reason is None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                reason = "it is not writable"
+        except OSError as err:
+            reason = err.strerror
+    if reason is not None:
+        raise RsvcError(f"The store {path} cannot be used as a folder to write artifacts in ({reason}).",
+                        "Point store=DIR at a folder you can write (it is created if missing), not at a file.")
+
+
 def run_task(task, cfg):
     """Call a stage's task function, turning user errors into a paragraph and exit code 2."""
     try:
@@ -104,6 +152,12 @@ def run_task(task, cfg):
         if debug_enabled():
             raise
         print_user_error(err)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except OSError as err:
+        user_error = os_user_error(err, str(cfg.get("store", "")) if hasattr(cfg, "get") else "")
+        if debug_enabled() or user_error is None:
+            raise
+        print_user_error(user_error)
         raise SystemExit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         print("rsvc: interrupted; complete artifacts are kept and the interrupted one resumes on the next run.",
@@ -156,14 +210,35 @@ def run_stage(stage: str, overrides: list[str]) -> int:
     register_configs()
     module = importlib.import_module(f"rsvc_cli.stages.{stage}")
 
+    started = []
+
     @hydra.main(config_path="pkg://rsvc_cli.configs", config_name=stage, version_base="1.3")
     def _hydra_main(cfg):
+        started.append(True)
         return run_task(module.run, cfg)
 
+    try:
+        check_store(stage, overrides)
+    except RsvcError as err:
+        if debug_enabled():
+            raise
+        print_user_error(err)
+        return EXIT_USER_ERROR
+    # Hydra's parser takes its flags before the overrides only: `rsvc compare a=1 -m b=1,2` works too.
+    flags = [item for item in overrides if item in ("-m", "--multirun")]
     saved = sys.argv
-    sys.argv = [f"rsvc {stage}", *overrides]
+    sys.argv = [f"rsvc {stage}", *flags, *[item for item in overrides if item not in flags]]
     try:
         _hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not started and not debug_enabled():
+            # Hydra exits 1 when the command line does not compose (unknown key or option, wrong
+            # type), having printed why; say how to find the valid ones, as a user error.
+            print_user_error(RsvcError(f"The overrides above do not make a valid configuration for `rsvc {stage}`.",
+                                       f"`rsvc {stage} --help` lists the config groups and their options, "
+                                       f"`rsvc {stage} --cfg job` every key with its value."))
+            raise SystemExit(EXIT_USER_ERROR) from None
+        raise
     finally:
         sys.argv = saved
     return 0

@@ -76,12 +76,15 @@ def load_model(model_cfg, run_cfg=None) -> ModelHandle:
 
         if run_cfg is None:
             raise ValueError("a trained model needs the run settings (store, device)")
-        from rsvc_cli.store.keys import content_key
+        from rsvc_cli.store.keys import content_key, seeds_in
 
         checkpoint, content = ensure_trained(model_cfg, run_cfg)
         handle = load_untrained_model(model_cfg, checkpoint=str(checkpoint))
         # Keyed by what made the weights, so a retrain that gives the same file changes nothing downstream.
         handle.identity["weights"] = "trained:" + content_key(content)
+        # The seeds behind those weights (initialization, image selection, training order) are
+        # hashed into that key; named here they reach every downstream artifact's `seeds`.
+        handle.identity["train_seeds"] = seeds_in(content)
         return handle
     return load_untrained_model(model_cfg)
 
@@ -159,7 +162,8 @@ def load_image_sets(dataset_cfg) -> ImageSets:
     if len(split) != 3 or min(split) < 0 or sum(split) == 0:
         raise RsvcError(f"dataset.split={list(split)} must be three non-negative weights (concept, regression, evaluation).",
                         "Use e.g. dataset.split=[1,2,2] (the authors' 100/200/200).")
-    selection = select_image_sets(source.labels, d.get("images_per_class"), seed=int(d.get("seed", 0)), split=split)
+    selection = select_image_sets(source.labels, d.get("images_per_class"), seed=int(d.get("seed", 0)), split=split,
+                                  class_names=list(source.class_names))
     planting = make_planting(d.get("planting") or {}, source.class_names)
     identity = {
         "source": source_identity(d, source, selection.image_index),
@@ -278,10 +282,11 @@ def produce(store: Path, kind: str, prefix: str, content: dict, write, seeds: di
     """
     from rsvc_cli import console
     from rsvc_cli.store.artifact import ArtifactWriter, is_complete
-    from rsvc_cli.store.lock import artifact_lock
+    from rsvc_cli.store.lock import artifact_lock, clear_if_stale
 
     path = artifact_path(store, kind, prefix, content)
     if is_complete(path, kind, content):
+        clear_if_stale(path)
         console.reused(kind, path)
         return path
     with artifact_lock(path, on_wait=lambda holder: console.say(f"waiting for another rsvc job writing {path.name}")):

@@ -22,8 +22,10 @@ def run(cfg) -> dict:
     if cfg.importance.enabled:
         result["importance"] = importance_stage.importance(pair, cfg, result)
     extra = importance_stage.table_columns(result.get("importance"))
-    result["collages"] = collage_stage.collage(pair, cfg, result)
+    # The full table before the pictures: a failing collage (disk full) must not leave the table
+    # that `score` wrote without its importance columns.
     result["table"] = write_results_table(result["path"].with_suffix(".csv"), result, extra_columns=extra)
+    result["collages"] = collage_stage.collage(pair, cfg, result)
     if cfg.report:
         result["report"] = report_stage.report(pair, cfg, result)
         console.say(f"[bold]report:[/bold] {result['report']}")

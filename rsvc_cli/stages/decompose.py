@@ -102,6 +102,7 @@ def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activation
     def write(f):
         acts = read_activations(act_path, act_content)
         check_finite(acts.values, f"The activations of {model.label} at {layer}")
+        check_varies(acts.values[acts.image_set == CONCEPT_SET], f"The activations of {model.label} at {layer}")
         fitted = fit_concepts(acts, params, group_by, device)
         f.attrs["per_class"] = bool(params["per_class"])
         f.attrs["signed"] = params["signed"]
@@ -118,6 +119,16 @@ def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activation
 
     prefix = f"{model.label}-{layer}-{params['method']}{params['n_concepts']}"
     return produce(store_dir(cfg), "concepts", prefix, content, write, seeds={"decomposition.seed": params["seed"]})
+
+
+def check_varies(values: np.ndarray, what: str) -> None:
+    """Activations that are the same for every patch (a dead layer, weights that did not load)
+    have no concepts to find; say so instead of fitting noise or dividing by zero."""
+    if len(values) and float(np.ptp(values, axis=0).max(initial=0.0)) == 0.0:
+        raise RsvcError(f"{what} are the same for every concept-set patch (every feature is constant), so there "
+                        "are no concepts to find in them.",
+                        "Pick another layer (`rsvc layers` lists them), or check the model and its checkpoint: "
+                        "a constant layer usually means dead units or weights that were not loaded.")
 
 
 def prepare_activations(values: np.ndarray, method: str, signed: str) -> np.ndarray:
@@ -149,6 +160,11 @@ def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.d
     if params["per_class"]:
         groups = {name: np.nonzero(concept_rows & (classes == c))[0] for c, name in enumerate(acts.class_names)}
         groups = {name: rows for name, rows in groups.items() if len(rows)}
+        if not groups:
+            # Otherwise an artifact without a single class would be stored as complete.
+            raise RsvcError("No class has any concept-set patches, so there is nothing to fit concepts on.",
+                            "Give the concept set a share in dataset.split (e.g. dataset.split=[1,2,2]) and "
+                            "check dataset.images_per_class.")
     else:
         groups = {ALL_CLASSES: np.nonzero(concept_rows)[0]}
     k = int(params["n_concepts"])
@@ -170,6 +186,12 @@ def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.d
         coefficients = estimator.coefficients_.detach().cpu().numpy()
         errors = np.atleast_1d(torch.as_tensor(estimator.reconstruction_error_).cpu().numpy())
         norms = torch.linalg.matrix_norm(batch).cpu().numpy()
+        if not (np.isfinite(basis).all() and np.isfinite(coefficients).all()):
+            # Never store a NaN basis as a complete artifact: every later stage would reuse it.
+            raise RsvcError(f"The {params['method']} decomposition of class(es) {', '.join(names)} produced NaN or "
+                            "infinite values.",
+                            "Try another decomposition (decomposition=semi_nmf or decomposition=pca) or another "
+                            "layer, and check the layer's activations (`rsvc info path=` its activations artifact).")
         for i, name in enumerate(names):
             results[name] = {"concept_basis": basis[i].astype(np.float32), "coefficients": coefficients[i].astype(np.float32),
                              "rows": groups[name], "reconstruction_error": errors[i],

@@ -29,6 +29,8 @@ from rsvc_cli.stages.regress import prepare_pair, read_regression, regress, regr
 from rsvc_cli.stages.score import CROSS, SELF, score, scores_content
 
 FIGURES = ("kl", "top1_agreement", "target_prob_change")
+# Which evaluation patches go through the network when a class has more than max_patches_per_class.
+PATCH_SAMPLE_SEED = 0
 
 
 def run(cfg) -> dict:
@@ -55,7 +57,8 @@ def importance(pair, cfg, result: dict) -> dict:
         model = pair.model1 if owner == 1 else pair.model2
         layer = pair.layer1 if owner == 1 else pair.layer2
         path = produce(store_dir(cfg), "importance", f"{model.label}-{layer}-model{owner}", content,
-                       lambda f, o=owner: _write(f, pair, cfg, result, o))
+                       lambda f, o=owner: _write(f, pair, cfg, result, o),
+                       seeds={"importance.patch_sample_seed": PATCH_SAMPLE_SEED})
         with open_artifact(path, "importance", content) as f:
             for name, g in f["classes"].items():
                 for k in range(g["importance"].shape[0]):
@@ -90,7 +93,7 @@ def _write(f, pair, cfg, result: dict, owner: int) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
     steps, mix = int(cfg.importance.steps), float(cfg.importance.replacement_mix)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(PATCH_SAMPLE_SEED)
     bar = console.progress(len(reg.classes), f"importance model{owner}", unit="class")
     for c, name in enumerate(reg.class_names):
         if name not in reg.classes:

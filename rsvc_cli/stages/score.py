@@ -11,6 +11,7 @@ column maxima, and debiased linear CKA between the two layers.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from rsvc_cli.stages.common import produce, resolve_device, store_dir
 from rsvc_cli.stages.decompose import read_activations
 from rsvc_cli.stages.regress import DIRECTIONS, direction_group, prepare_pair, read_regression, regress, regression_content, regression_params
 
+# Debiased CKA needs 4 samples; Pearson on fewer is noise.
+MIN_SCORED_PATCHES = 4
 OWNER = {direction: owner for direction, (_, owner) in DIRECTIONS.items()}
 SELF = {1: "1->1", 2: "2->2"}
 CROSS = {1: "2->1", 2: "1->2"}
@@ -59,6 +62,12 @@ def score(pair, cfg, regression_path: Path) -> dict:
         for name, entry in reg.classes.items():
             g = f.create_group(f"classes/{name}")
             rows = entry["evaluation_rows"] if evaluation == "heldout" else entry["regression_rows"]
+            if len(rows) < MIN_SCORED_PATCHES:
+                which = "evaluation" if evaluation == "heldout" else "regression"
+                raise RsvcError(f"Class '{name}' has {len(rows)} {which}-set patches, too few to measure "
+                                f"similarities on (at least {MIN_SCORED_PATCHES}).",
+                                "Give the evaluation set a share in dataset.split (e.g. dataset.split=[1,2,2]) or "
+                                "score on held-out folds with regression.evaluation=crossval.")
             suffix = "evaluation" if evaluation == "heldout" else "regression"
             prediction_key = "evaluation_prediction" if evaluation == "heldout" else "held_out_prediction"
             for direction, owner in OWNER.items():
@@ -151,7 +160,8 @@ def write_results_table(path: Path, result: dict, extra_columns: dict | None = N
         for row in rows:
             row.update(extra_columns.get((row["class"], row["owner"], row["concept"]), {}))
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_name(path.name + ".partial")
+    # One temporary name per process: racing jobs of one comparison must not rename each other's file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()

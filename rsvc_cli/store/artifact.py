@@ -27,12 +27,21 @@ import h5py
 import numpy as np
 
 from rsvc_cli.errors import RsvcError
-from rsvc_cli.store.keys import canonical_json, content_key
+from rsvc_cli.store.keys import canonical_json, content_key, seeds_in
 
 FORMAT = "rsvc-artifact"
 FORMAT_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _is_no_space(exc: BaseException | None) -> bool:
+    """True when `exc`, or an exception it was raised from, is a full disk."""
+    while exc is not None:
+        if isinstance(exc, OSError) and (exc.errno in NO_SPACE_ERRNOS or "No space left" in str(exc)):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def library_versions() -> dict[str, str]:
@@ -154,9 +163,10 @@ class ArtifactWriter:
 
     ``resume=True`` reopens an existing ``.partial`` with the same key so a resumable stage can
     continue (``self.resumed`` tells); a partial with another key, or one HDF5 cannot open
-    (killed mid-write), is discarded. Used as a context manager: an exception leaves the partial
-    for the next run to resume, except when the disk is full, where the partial this run created
-    is removed and the error becomes a clear message.
+    (killed mid-write), is discarded. Used as a context manager: an interruption or crash leaves a
+    resumable partial for the next run to resume; a user error (RsvcError) or any failure of a
+    non-resumable write removes the partial this run created; a full disk also becomes a clear
+    message.
     """
 
     def __init__(self, path: Path, kind: str, content: dict, seeds: dict | None = None,
@@ -164,7 +174,8 @@ class ArtifactWriter:
         self.path = Path(path)
         self.kind = kind
         self.content = content
-        self.seeds = seeds or {}
+        # The seeds named in the content (upstream ones included) and any the stage adds.
+        self.seeds = {**seeds_in(content), **(seeds or {})}
         self.resume = resume
         self.partial = partial_path(self.path)
         self.key = content_key(content)
@@ -223,8 +234,18 @@ class ArtifactWriter:
             except Exception:  # noqa: BLE001 - closing a file whose write already failed
                 pass
             self.file = None
+        if (exc is not None and self._created and self.partial.exists()
+                and (not self.resume or isinstance(exc, RsvcError))):
+            # Nothing resumes a partial of a non-resumable stage, nor one stopped by a user error
+            # (its fix changes the key): a failed write leaves the store as it was. An interrupted
+            # resumable write keeps its partial for the next run.
+            self.partial.unlink()
         if isinstance(exc, OSError):
             self._raise_os_error(exc)
+        if _is_no_space(exc) and self._created and self.partial.exists():
+            # Several writers in one pass (extract): another one already turned the disk-full
+            # OSError into a message, this one still removes its own partial.
+            self.partial.unlink()
 
     def _raise_os_error(self, err: OSError) -> None:
         if err.errno in NO_SPACE_ERRNOS or "No space left" in str(err):

@@ -31,6 +31,23 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON-serializable in an artifact key: {value!r}")
 
 
+def seeds_in(content: Any, prefix: str = "") -> dict[str, int]:
+    """Every seed named in a content config (keys `seed` or `*_seed`), by dotted path.
+
+    Content configs nest their upstream artifacts' contents, so this is every seed an artifact's
+    numbers depend on; writers record it in the `seeds` attribute.
+    """
+    found: dict[str, int] = {}
+    if isinstance(content, dict):
+        for key, value in content.items():
+            path = f"{prefix}{key}"
+            if (key == "seed" or str(key).endswith("_seed")) and isinstance(value, int) and not isinstance(value, bool):
+                found[path] = value
+            else:
+                found.update(seeds_in(value, path + "."))
+    return found
+
+
 def content_key(content: dict[str, Any]) -> str:
     """Full SHA-256 hex digest of a content config."""
     return hashlib.sha256(canonical_json(content).encode()).hexdigest()

@@ -62,8 +62,13 @@ def _try_create(path: Path) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump({"host": HOST, "pid": os.getpid(), "time": time.time()}, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": HOST, "pid": os.getpid(), "time": time.time()}, f)
+    except BaseException:
+        # An empty lock (disk full, interrupted) would hold every other job off until it goes stale.
+        path.unlink(missing_ok=True)
+        raise
     return True
 
 
@@ -95,6 +100,14 @@ def artifact_lock(artifact: Path, on_wait: Callable[[dict | None], None] | None 
             path.unlink()
         except FileNotFoundError:
             pass
+
+
+def clear_if_stale(artifact: Path) -> None:
+    """Remove the lock of a complete artifact whose writer died between the rename and the unlock:
+    nobody will take it again, and it would litter the store forever."""
+    path = lock_path(Path(artifact))
+    if path.exists() and lock_is_stale(path):
+        path.unlink(missing_ok=True)
 
 
 def touch(artifact: Path) -> None:
