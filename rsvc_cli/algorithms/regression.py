@@ -91,7 +91,12 @@ class Ridge(_Regressor):
         penalty = (self.alpha / n_samples.to(gram.dtype))[..., None, None] * identity
         if self.alpha == 0:
             return torch.linalg.pinv(gram, hermitian=True) @ cross
-        return torch.linalg.solve(gram + penalty, cross)
+        # gram + penalty is symmetric positive definite: Cholesky is exact here, and it avoids the
+        # batched LU solve, which MKL rejects (DLASWP parameter error, then a hang) on some shapes.
+        factor, info = torch.linalg.cholesky_ex(gram + penalty)
+        if bool((info != 0).any()):
+            return torch.linalg.lstsq(gram + penalty, cross).solution
+        return torch.cholesky_solve(cross, factor)
 
 
 class Lasso(_Regressor):
