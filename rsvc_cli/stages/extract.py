@@ -106,12 +106,12 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         start = n_done
         try:
             with torch.inference_mode(), recorder:
-                for patches, whole, _, boxes, squares in _batches(loader):
-                    b = whole.shape[0]
+                for inputs, b, _, boxes, squares in _batches(loader):
+                    n = b * patches_per_image  # patch rows; the b whole images follow them
                     with autocast:
-                        _, vectors = recorder(patches.to(device, non_blocking=True))
-                        logits = module(whole.to(device, non_blocking=True))
-                    predicted = logits.float().argmax(-1).cpu().numpy()
+                        logits, vectors = recorder(inputs.to(device, non_blocking=True))
+                    vectors = {l: v[:n] for l, v in vectors.items()}
+                    predicted = logits[n:].float().argmax(-1).cpu().numpy()
                     if datasets is None:
                         datasets = {l: _create_layout(writers[l].file, images, dataset, vectors[l].shape[-1], dtype)
                                     for l in layers}
@@ -162,8 +162,13 @@ def _batches(loader):
 
 
 def _collate(items):
+    """One input batch: every image's patches, then the whole images (for the predicted class).
+
+    One forward pass for both, not a second small one per batch: every operation of a forward pass
+    has a fixed cost (thread start-up), which in a batch of whole images alone is a large share.
+    """
     patches, whole, index, boxes, squares = zip(*items)
-    return (torch.cat(patches), torch.stack(whole), torch.as_tensor(index), torch.stack(boxes),
+    return (torch.cat([*patches, torch.stack(whole)]), len(whole), torch.as_tensor(index), torch.stack(boxes),
             torch.stack(squares))
 
 

@@ -224,7 +224,8 @@ def _predictor(direction: str) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     # Write then rename, so an interrupted run never leaves a half page that looks finished.
-    partial = path.with_name(path.name + ".partial")
+    # One temporary name per process, so that jobs racing on one comparison never rename each other's.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
 
