@@ -60,20 +60,42 @@ def ensure_trained(model_cfg, run_cfg) -> tuple[Path, dict]:
     return path, content
 
 
-def _load_training_tensors(base, images, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every training image once, resized, planted and normalized, in memory (small datasets)."""
-    from rsvc_cli.data.patches import PatchDataset
+def load_inputs(model, source, image_index, planting=None, desc: str | None = None) -> torch.Tensor:
+    """Whole images as `model` sees them: resized, centre-cropped, square painted (if planted), normalized.
 
-    dataset = PatchDataset(images.source, images.image_index, base.input_size, base.mean, base.std,
-                           patch_size=None, stride=None, planting=images.planting)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, collate_fn=lambda items: items)
-    inputs = []
-    bar = console.progress(len(dataset), "load training images", unit="img")
-    for items in loader:
-        inputs.append(torch.cat([item[0] for item in items]))
-        bar.update(len(items))
-    bar.close()
-    return torch.cat(inputs), torch.from_numpy(np.asarray(images.label, dtype=np.int64))
+    (n, 3, S, S) float32. The same pixels as `PatchDataset` with whole images, built without the
+    patch machinery (a whole-image "patch" is a copy), so training and the planted checks share it.
+    """
+    from rsvc_cli.data.patches import resize_and_crop
+    from rsvc_cli.data.planting import planting_keys
+
+    image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
+    size = int(model.input_size)
+    pixels = np.empty((len(image_index), size, size, 3), dtype=np.uint8)
+    if planting is not None:
+        probability = planting.probabilities(source.class_names)[np.asarray(source.labels)[image_index]]
+        keys = planting_keys(source, image_index)
+    bar = console.progress(len(image_index), desc, unit="img") if desc else None
+    # One decode per image file: there is nothing to batch before the pixels exist.
+    for row, index in enumerate(image_index):
+        image = np.asarray(resize_and_crop(source.load_image(int(index)).convert("RGB"), size))
+        if planting is not None:
+            image, _ = planting.plant(image, keys[row], float(probability[row]))
+        pixels[row] = image
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    inputs = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(model.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(model.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (inputs - mean) / std
+
+
+def _load_training_tensors(base, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training image once, resized, planted and normalized, in memory (small datasets)."""
+    inputs = load_inputs(base, images.source, images.image_index, images.planting, desc="load training images")
+    return inputs, torch.from_numpy(np.asarray(images.label, dtype=np.int64))
 
 
 def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -96,7 +118,7 @@ def _train(base, images, train_cfg, run_cfg) -> dict:
     from rsvc_cli.stages.common import resolve_device
 
     device = resolve_device(run_cfg.device)
-    inputs, labels = _load_training_tensors(base, images, int(train_cfg.batch_size))
+    inputs, labels = _load_training_tensors(base, images)
     if len(inputs) == 0:
         raise RsvcError("The training dataset selected no images.", "Check model.train.dataset (root, classes, images_per_class).")
     module = base.module.to(device)
