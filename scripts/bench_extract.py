@@ -30,6 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RSVC_PROGRESS", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the rsvc command sets it, before torch loads
 
 import torch  # noqa: E402
 
@@ -45,7 +46,7 @@ LAYERS = {"cifar_resnet20": ["layer1", "layer2", "layer3"], "cifar_resnet56": ["
 DEFAULT_IMAGES = {"cifar_resnet56": 100, "cifar_resnet20": 200, "test_vit": 50, "test_resnet": 50,
                   "vit_small_patch16_224": 10}
 # N of the N vs 10 N memory runs, at --memory-batch-size: many batches even at N.
-MEMORY_IMAGES = {"cifar_resnet56": 50, "cifar_resnet20": 50, "test_vit": 50, "test_resnet": 50,
+MEMORY_IMAGES = {"cifar_resnet56": 50, "cifar_resnet20": 50, "test_vit": 100, "test_resnet": 100,
                  "vit_small_patch16_224": 50}
 
 

@@ -106,7 +106,7 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         start = n_done
         try:
             with torch.inference_mode(), recorder:
-                for inputs, b, _, boxes, squares in _batches(loader):
+                for inputs, b, _, boxes, squares in loader:
                     n = b * patches_per_image  # patch rows; the b whole images follow them
                     with autocast:
                         logits, vectors = recorder(inputs.to(device, non_blocking=True))
@@ -136,29 +136,6 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
             f = writers[l].file
             _finish_layout(f, images, patches_per_image)
             console.wrote("activations", writers[l].commit())
-
-
-def _batches(loader):
-    """The loader's batches; made in this process (num_workers=0), they are made with one torch thread.
-
-    Patching is many small tensor operations per image. Run with several threads, each of them
-    waits for a team of threads to be scheduled, which on a busy CPU costs far more than the
-    operation (2x slower extraction of CIFAR ResNet-56 on a shared 2-core machine); the forward
-    passes, between batches, keep every thread.
-    """
-    if loader.num_workers > 0:  # workers make batches with one thread each already
-        yield from loader
-        return
-    threads, batches = torch.get_num_threads(), iter(loader)
-    while True:
-        torch.set_num_threads(1)
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        finally:
-            torch.set_num_threads(threads)
-        yield batch
 
 
 def _collate(items):

@@ -40,14 +40,20 @@ def planted_class_index(images) -> int | None:
 
 
 def predicted_classes(model, source, image_index, planting, batch_size: int, device) -> np.ndarray:
-    """The model's predicted class for whole images (squares painted where `planting` says), (n,) int64."""
+    """The model's predicted class for whole images (squares painted where `planting` says), (n,) int64.
+
+    Loaded a batch at a time, so an ImageNet-sized comparison never holds all its inputs at once.
+    """
     from rsvc_cli.stages.train import load_inputs
 
-    inputs = load_inputs(model, source, image_index, planting)
+    image_index = np.asarray(image_index, dtype=np.int64)
     module = model.module.to(device).eval()
+    predicted = [np.zeros(0, np.int64)]
     with torch.inference_mode():
-        logits = [module(batch.to(device)).cpu() for batch in inputs.split(batch_size)]
-    return torch.cat(logits).argmax(-1).numpy() if logits else np.zeros(0, np.int64)
+        for start in range(0, len(image_index), batch_size):
+            inputs = load_inputs(model, source, image_index[start:start + batch_size], planting)
+            predicted.append(module(inputs.to(device)).argmax(-1).cpu().numpy())
+    return np.concatenate(predicted)
 
 
 def output_index(model_cfg, class_name: str, fallback: int) -> int:

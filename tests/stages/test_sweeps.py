@@ -91,14 +91,15 @@ def sweep_command(store: Path, *extra: str, sweep: list[str] = SWEEP) -> list[st
     return [sys.executable, "-m", "rsvc_cli", "compare", "-m", *pair_overrides(), *sweep, *extra, f"store={store}"]
 
 
-def run_sweep(env: dict, root: Path, *extra: str, sweep: list[str] = SWEEP) -> tuple[Path, Path, str]:
-    """Run a sweep in a fresh store under `root`; return the store, its forward log and stderr."""
+def run_sweep(env: dict, root: Path, *extra: str, sweep: list[str] = SWEEP) -> tuple[Path, Path, int]:
+    """Run a sweep in a fresh store under `root`; return the store, its forward log and the sweep's process id."""
     store, log = root / "store", root / "forward.log"
-    done = subprocess.run(sweep_command(store, *extra, sweep=sweep), cwd=root,
-                          env={**env, "RSVC_TEST_FORWARD_LOG": str(log)},
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return store, log, done.stderr
+    process = subprocess.Popen(sweep_command(store, *extra, sweep=sweep), cwd=root,
+                               env={**env, "RSVC_TEST_FORWARD_LOG": str(log)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = process.communicate(timeout=900)
+    assert process.returncode == 0, err[-3000:]
+    return store, log, process.pid
 
 
 def forward_passes(log: Path) -> dict[str, dict]:
@@ -156,17 +157,17 @@ def assert_clean(store: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def sequential_sweep(counting_env, tmp_path_factory) -> tuple[Path, Path]:
-    """The reference: the 3 x 3 sweep with Hydra's basic launcher, one job after the other."""
-    store, log, _ = run_sweep(counting_env, tmp_path_factory.mktemp("sequential"))
-    return store, log
+def sequential_sweep(counting_env, tmp_path_factory) -> tuple[Path, Path, int]:
+    """The reference: the 3 x 3 sweep with Hydra's basic launcher, one job after the other, in one process."""
+    return run_sweep(counting_env, tmp_path_factory.mktemp("sequential"))
 
 
 @slow
 @subprocess_test
 def test_sequential_sweep_extracts_each_model_once(sequential_sweep):
-    store, log = sequential_sweep
-    assert_each_image_seen_once(log)
+    store, log, pid = sequential_sweep
+    seen = assert_each_image_seen_once(log)
+    assert all(s["pids"] == {pid} for s in seen.values()), "the basic launcher runs the jobs in its own process"
     names = artifacts(store)
     count = lambda kind: sum(name.startswith(kind + "/") for name in names)  # noqa: E731
     # 3 layers x 2 models of activations and concepts, one regression and scores per layer pair.
@@ -177,10 +178,9 @@ def test_sequential_sweep_extracts_each_model_once(sequential_sweep):
 @slow
 @subprocess_test
 def test_joblib_sweep_matches_sequential_and_extracts_once(counting_env, sequential_sweep, tmp_path):
-    store, log, _ = run_sweep(counting_env, tmp_path, "hydra/launcher=local", "hydra.launcher.n_jobs=2")
+    store, log, pid = run_sweep(counting_env, tmp_path, "hydra/launcher=local", "hydra.launcher.n_jobs=2")
     seen = assert_each_image_seen_once(log)
-    # The forward passes ran in a joblib worker, not in the process that launched the sweep.
-    assert all(os.getpid() not in s["pids"] for s in seen.values())
+    assert all(pid not in s["pids"] for s in seen.values()), "the forward passes ran in a joblib worker"
     config = next((store / ".runs").glob("compare-multirun/*/multirun.yaml")).read_text()
     assert "JoblibLauncher" in config and "n_jobs: 2" in config
     assert_same_numbers(store, sequential_sweep[0])
@@ -191,9 +191,10 @@ def test_joblib_sweep_matches_sequential_and_extracts_once(counting_env, sequent
 @subprocess_test
 def test_submitit_local_sweep_completes(counting_env, sequential_sweep, tmp_path):
     # Two jobs at once in two fresh processes (submitit's local executor runs them in parallel).
-    store, log, _ = run_sweep(counting_env, tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15",
-                              sweep=["layer1=layer2,layer3", "layer2=layer3"])
-    assert_each_image_seen_once(log)
+    store, log, pid = run_sweep(counting_env, tmp_path, "hydra/launcher=submitit_local",
+                                "hydra.launcher.timeout_min=15", sweep=["layer1=layer2,layer3", "layer2=layer3"])
+    seen = assert_each_image_seen_once(log)
+    assert all(pid not in s["pids"] for s in seen.values()), "the forward passes ran in a submitit job"
     submitted = list(store.glob(".runs/compare-multirun/*/.submitit/*/*_result.pkl"))
     assert len(submitted) == 2, "both jobs went through submitit"
     reference = scores_of(sequential_sweep[0])
@@ -244,7 +245,7 @@ def test_summarize_writes_layer_by_layer_matrices(sequential_sweep, tmp_path):
     from rsvc_cli.stages import summarize
     from rsvc_cli.stages.score import read_scores, summary_numbers
 
-    store, _ = sequential_sweep
+    store = sequential_sweep[0]
     out = tmp_path / "summary"
     written = summarize.run(compose("summarize", f"store={store}", f"out={out}"))
     # The oracle: each scores artifact's own summary, placed by the layers named in its config.

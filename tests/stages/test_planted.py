@@ -1,0 +1,192 @@
+"""The planted-concept experiment: the checks against planted ground truth, the demo end to end, and CIFAR.
+
+The checks (rsvc_cli/stages/planted.py) are tested with oracle models whose answer is known from the
+planted squares; the experiments themselves with the presets, on the synthetic images (the README's
+`make demo`) and on the shared CIFAR-10 images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CHECKPOINTS, CIFAR_TEST, CIFAR_TRAIN, compose
+from rsvc_cli.data.patches import PatchDataset
+from rsvc_cli.data.planting import MAGENTA
+from rsvc_cli.stages import planted
+from rsvc_cli.stages.common import load_image_sets, load_untrained_model
+from rsvc_cli.stages.train import load_inputs
+
+# float32 normalization of the same uint8 pixels on two code paths.
+PIXEL_TOLERANCE = 1e-6
+# Planted colour in a collage PNG (bicubic tile resizing blends only the square's edge).
+COLOUR_TOLERANCE = 40
+SYNTHETIC_SMALL = ["experiment=planted_synthetic", "dataset.n_classes=3", "dataset.images_per_class=10"]
+
+
+def _cifar_overrides(store) -> list[str]:
+    """The planted_cifar preset with the shared files given by absolute path (tests run elsewhere)."""
+    return ["experiment=planted_cifar", f"store={store}", f"dataset.root={CIFAR_TEST}",
+            *[f"model{m}.checkpoint={CHECKPOINTS['cifar_resnet20']}" for m in (1, 2)],
+            *[f"model{m}.train.dataset.root={CIFAR_TRAIN}" for m in (1, 2)]]
+
+
+class SquareDetector(torch.nn.Module):
+    """Oracle: predicts `square_class` exactly when a pixel has the planted colour, else `other_class`."""
+
+    def __init__(self, mean, std, square_class: int, other_class: int, n_classes: int = 10):
+        super().__init__()
+        self.register_buffer("colour", (torch.tensor(MAGENTA) / 255.0 - torch.tensor(mean)) / torch.tensor(std))
+        self.square_class, self.other_class, self.n_classes = square_class, other_class, n_classes
+
+    def forward(self, x):
+        has_square = ((x - self.colour.view(1, 3, 1, 1)).abs().amax(1) < 1e-3).flatten(1).any(1)
+        predicted = torch.where(has_square, self.square_class, self.other_class)
+        return torch.nn.functional.one_hot(predicted, self.n_classes).float()
+
+
+def _oracle_pair(cfg, model1_module, model2_module):
+    images = load_image_sets(cfg.dataset)
+    base = load_untrained_model(cfg.model1)
+    handle = lambda module: SimpleNamespace(module=module, input_size=base.input_size, mean=base.mean, std=base.std)  # noqa: E731
+    return SimpleNamespace(images=images, model1=handle(model1_module), model2=handle(model2_module))
+
+
+@pytest.mark.parametrize("image_size", [32, 48])  # the model's input size, and images resized to it
+def test_training_inputs_are_the_patch_pipelines_whole_images_with_the_same_squares(image_size):
+    cfg = compose("compare", *SYNTHETIC_SMALL, "dataset.planting.class_probability={}",
+                  "dataset.planting.default_probability=0.5", f"dataset.image_size={image_size}")
+    images = load_image_sets(cfg.dataset)
+    model = load_untrained_model(cfg.model1)
+    dataset = PatchDataset(images.source, images.image_index, model.input_size, model.mean, model.std,
+                           patch_size=None, stride=None, planting=images.planting)
+    expected = torch.cat([dataset[i][0] for i in range(len(dataset))])
+    squares = np.stack([dataset[i][3].numpy() for i in range(len(dataset))])
+    inputs = load_inputs(model, images.source, images.image_index, images.planting)
+    assert torch.allclose(inputs, expected, atol=PIXEL_TOLERANCE)
+    assert 0 < np.isfinite(squares[:, 0]).sum() < len(squares), "some images planted, some not"
+
+
+def test_shortcut_rates_of_a_square_detector_and_of_a_model_that_ignores_the_square():
+    cfg = compose("compare", *SYNTHETIC_SMALL, "model1.train.enabled=false", "model2.train.enabled=false")
+    base = load_untrained_model(cfg.model1)
+    detector = SquareDetector(base.mean, base.std, square_class=0, other_class=2)
+    ignorer = SquareDetector(base.mean, base.std, square_class=1, other_class=1)
+    pair = _oracle_pair(cfg, detector, ignorer)
+    rates = planted.shortcut_rates(pair, cfg, planted_class=0)
+    n_other = int((pair.images.label != 0).sum())
+    # The planted truth: every other-class image gets a square, none has one without.
+    assert rates["model1"] == {"without": 0.0, "with": 1.0, "n_images": n_other, "passed": True}
+    assert rates["model2"]["without"] == rates["model2"]["with"] == 0.0 and rates["model2"]["passed"]
+    assert rates["passed"]
+    # Swapped roles fail both halves: model 2 now follows the square, model 1 never does.
+    swapped = planted.shortcut_rates(_oracle_pair(cfg, ignorer, detector), cfg, planted_class=0)
+    assert not swapped["model1"]["passed"] and not swapped["model2"]["passed"] and not swapped["passed"]
+
+
+def test_the_planted_class_maps_to_the_trained_models_output_unit_by_name():
+    cfg = compose("compare", "experiment=planted_synthetic", "dataset.n_classes=2")
+    # Training classes are the preset's four; the comparison's class 1 is the same class, unit 1.
+    names = load_image_sets(cfg.dataset).class_names
+    assert planted.output_index(cfg.model1, names[1], fallback=7) == 1
+    assert planted.output_index(cfg.model1, "no_such_class", fallback=7) == 7
+    untrained = compose("compare", "experiment=planted_synthetic", "model1.train.enabled=false")
+    assert planted.output_index(untrained.model1, names[1], fallback=7) == 7
+
+
+def _fake_result(similarities, square_contents, name="rose_disc"):
+    return {"classes": {name: {"similarity": {"2->1": np.asarray(similarities, dtype=float)}}},
+            "square_content": {(name, "model1", k): c for k, c in enumerate(square_contents)}}
+
+
+@pytest.mark.parametrize("similarities, contents, passes", [
+    # lowest 0.2 (square 1.0) vs median 0.8 of the square-free ones: found and unique
+    ([0.9, 0.2, 0.8, 0.7, 0.85], [0.0, 1.0, 0.1, 0.0, 0.6], True),
+    # exactly at both thresholds: square content 0.8, similarity = half the median
+    ([0.9, 0.4, 0.8, 0.7, 0.85], [0.0, 0.8, 0.1, 0.0, 0.6], True),
+    # the lowest concept is not the square one
+    ([0.9, 0.2, 0.8, 0.7, 0.85], [0.0, 0.5, 0.1, 0.0, 1.0], False),
+    # the square concept is the lowest but barely below the others
+    ([0.9, 0.5, 0.8, 0.7, 0.85], [0.0, 1.0, 0.1, 0.0, 0.6], False),
+    # no square-free concept to compare with
+    ([0.9, 0.2], [0.5, 1.0], False),
+    # undefined similarities (NaN) are skipped, never the lowest
+    ([np.nan, 0.2, 0.8, 0.7], [0.0, 1.0, 0.0, 0.0], True),
+    ([np.nan, np.nan], [1.0, 0.0], False),
+])
+def test_square_concept_decision(similarities, contents, passes):
+    out = planted.square_concept(_fake_result(similarities, contents), "rose_disc")
+    assert out["passed"] is passes
+    finite = np.isfinite(similarities)
+    if finite.any():
+        assert out["concept"] == int(np.nanargmin(similarities))
+
+
+def test_checks_are_silent_unless_exactly_one_class_is_planted():
+    cfg = compose("compare", *SYNTHETIC_SMALL)
+    images = load_image_sets(cfg.dataset)
+    assert planted.planted_class_index(images) == 0
+    assert planted.planted_class_index(replace(images, planting=None)) is None
+    everywhere = replace(images, planting=replace(images.planting, class_probability=0.5))
+    assert planted.planted_class_index(everywhere) is None
+    assert planted.planted_check(SimpleNamespace(images=everywhere), cfg, {"square_content": {}}) is None
+
+
+def _visible_squares(png_path) -> int:
+    """How many planted squares a collage shows: connected blobs of the planted colour (one per tile at most)."""
+    from scipy import ndimage
+
+    pixels = np.asarray(Image.open(png_path).convert("RGB")).astype(int)
+    planted_colour = np.abs(pixels - np.array(MAGENTA)).max(-1) < COLOUR_TOLERANCE
+    return int(ndimage.label(planted_colour)[1])
+
+
+@pytest.mark.slow
+def test_demo_trains_both_models_once_compares_and_reports(store):
+    """`rsvc compare experiment=planted_synthetic` (make demo): trains, caches, reports, prints the checks."""
+    from rsvc_cli.stages import compare
+    from rsvc_cli.stages.regress import prepare_pair
+
+    cfg = compose("compare", "experiment=planted_synthetic", f"store={store}")
+    result = compare.run(cfg)
+    checkpoints = sorted((store / "checkpoints").glob("*.pt"))
+    assert len(checkpoints) == 2, "model 1 and model 2 are trained into the store"
+    mtimes = [p.stat().st_mtime_ns for p in checkpoints]
+    pair = prepare_pair(cfg)  # a rerun reuses the checkpoints, nothing is retrained
+    assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
+    assert result["report"].exists()
+    check = result.get("planted") or planted.planted_check(pair, cfg, result)
+    assert check is not None and check["planted_class"] == pair.images.class_names[0]
+    # Collages paint the square back at its recorded box: the most square-laden concept's top collage
+    # shows at least as many squares as its square content says its tiles hold (a magenta-ish distractor
+    # blob of the synthetic images may add one).
+    name = check["planted_class"]
+    contents = np.nan_to_num(check["square_concept"]["square_contents"])
+    squarest = int(np.argmax(contents))
+    assert contents[squarest] >= 0.5, "some concept of the planted class is mostly square patches"
+    top = result["report"].parent / result["collages"][(name, "model1", squarest)]["top"]
+    assert _visible_squares(top) >= round(contents[squarest] * int(cfg.n_tiles))
+
+
+@pytest.mark.slow
+def test_planted_cifar_finds_the_square_and_the_shortcut(store, shared_dir):
+    """experiment=planted_cifar: ResNet-20 fine-tuned with and without the airplane shortcut (one seed)."""
+    from rsvc_cli.stages.regress import prepare_pair, regress
+    from rsvc_cli.stages.score import score
+
+    cfg = compose("compare", *_cifar_overrides(store), "importance.enabled=false", "report=false")
+    pair = prepare_pair(cfg)
+    result = score(pair, cfg, regress(pair, cfg))
+    check = planted.planted_check(pair, cfg, result)
+    concept, shortcut = check["square_concept"], check["shortcut"]
+    assert check["planted_class"] == "airplane"
+    assert concept["square_content"] >= planted.SQUARE_CONTENT_MIN
+    assert concept["similarity"] <= planted.SIMILARITY_RATIO_MAX * concept["square_free_median"]
+    m1, m2 = shortcut["model1"], shortcut["model2"]
+    assert m1["with"] >= planted.SHORTCUT_RATIO_MIN * m1["without"] and m1["with"] >= planted.SHORTCUT_RATE_MIN
+    assert m2["with"] - m2["without"] <= planted.MODEL2_INCREASE_MAX
