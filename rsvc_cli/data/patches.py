@@ -121,12 +121,13 @@ def patch_grid(input_size: int, patch_size: int | None, stride: int | None = Non
     return np.stack([left, top, left + patch_size, top + patch_size], axis=1)
 
 
-def make_patches(image_tensor: torch.Tensor, boxes, input_size: int) -> torch.Tensor:
+def make_patches(image_tensor: torch.Tensor, boxes, input_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each box from ``image_tensor`` and resize it to ``input_size`` (bilinear, no antialias).
 
     image_tensor : (c, H, W) or (b, c, H, W) float. boxes : (n, 4) integer, inside the image.
-    Returns (n, c, S, S), or (b, n, c, S, S) for a batch. Crops are exact (a patch sees only its
-    box's pixels); boxes of one size are gathered and resized in one call.
+    Returns (n, c, S, S), or (b, n, c, S, S) for a batch, written into ``out`` when given (a view
+    into a larger input batch saves a copy). Crops are exact (a patch sees only its box's pixels);
+    boxes of one size are gathered and resized in one call.
     """
     boxes = torch.as_tensor(np.asarray(boxes), dtype=torch.int64, device=image_tensor.device)
     height, width = image_tensor.shape[-2:]
@@ -136,7 +137,10 @@ def make_patches(image_tensor: torch.Tensor, boxes, input_size: int) -> torch.Te
     if bool(((x0 < 0) | (y0 < 0) | (x1 > width) | (y1 > height) | (x1 <= x0) | (y1 <= y0)).any()):
         raise ValueError(f"boxes must lie inside the {width}x{height} image and be non-empty")
     *leading, channels = image_tensor.shape[:-2]
-    patches = image_tensor.new_empty(*leading, len(boxes), channels, input_size, input_size)
+    shape = (*leading, len(boxes), channels, input_size, input_size)
+    if out is not None and tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, the patches {shape}")
+    patches = image_tensor.new_empty(shape) if out is None else out
     box_sizes = torch.stack([x1 - x0, y1 - y0], dim=1)
     # A patch grid has one box size; a loop over distinct sizes keeps any other layout correct.
     for box_width, box_height in torch.unique(box_sizes, dim=0).tolist():
@@ -224,31 +228,60 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_index)
 
-    def __getitem__(self, item: int):
+    def _load(self, item: int) -> tuple[np.ndarray, int, torch.Tensor, torch.Tensor | None]:
+        """Item ``item``'s input pixels (S, S, 3) uint8 (square painted), its source index, its patch
+        boxes (n, 4) and its square box (4,) in original pixels (NaN: none; None without planting)."""
         index = int(self.image_index[item])
         image = self.source.load_image(index)
         width, height = image.size
         pixels = np.asarray(resize_and_crop(image, self.input_size, self.interpolation))
+        square_original = None
         if self.planting is not None:
             probability = float(self.planting_probability[self.planting_label[item]])
             pixels, square_box = self.planting.plant(pixels, self.planting_key[item], probability)
-        # Normalizing before cropping is exact (bilinear weights sum to 1) and n_patches times cheaper.
-        image_tensor = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-        image_tensor = (image_tensor - self.mean) / self.std
-        patches = make_patches(image_tensor, self.patch_boxes, self.input_size)
+            square_original = torch.full((4,), float("nan"))
+            if square_box is not None:
+                square_original[:] = torch.from_numpy(
+                    boxes_in_original_pixels(square_box, width, height, self.input_size).astype(np.float32))
         patch_boxes = torch.from_numpy(
             boxes_in_original_pixels(self.patch_boxes, width, height, self.input_size).astype(np.float32)
         )
+        return np.array(pixels, dtype=np.uint8), index, patch_boxes, square_original  # writable, for torch
+
+    def _normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (..., S, S, 3) -> normalized float32 (..., 3, S, S)."""
+        # Normalizing before cropping is exact (bilinear weights sum to 1) and n_patches times cheaper.
+        image_tensor = torch.from_numpy(pixels).movedim(-1, -3).float().div_(255.0)
+        return (image_tensor - self.mean) / self.std
+
+    def __getitem__(self, item: int):
+        pixels, index, patch_boxes, square_original = self._load(item)
+        image_tensor = self._normalize(pixels)
+        patches = make_patches(image_tensor, self.patch_boxes, self.input_size)
         if self.return_image:
             # The extraction layout: the whole normalized input (for the model's prediction on the
             # image) and always a square box (NaN without planting).
-            square_original = np.full(4, np.nan, dtype=np.float32)
-            if self.planting is not None and square_box is not None:
-                square_original[:] = boxes_in_original_pixels(square_box, width, height, self.input_size)
-            return patches, image_tensor, index, patch_boxes, torch.from_numpy(square_original)
-        if self.planting is None:
+            square = square_original if square_original is not None else torch.full((4,), float("nan"))
+            return patches, image_tensor, index, patch_boxes, square
+        if square_original is None:
             return patches, index, patch_boxes
-        square_original = np.full(4, np.nan, dtype=np.float32)
-        if square_box is not None:
-            square_original[:] = boxes_in_original_pixels(square_box, width, height, self.input_size)
-        return patches, index, patch_boxes, torch.from_numpy(square_original)
+        return patches, index, patch_boxes, square_original
+
+    def batch(self, items) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Items ``items`` at once, in the extraction layout: ``(inputs, b, image_index, patch_boxes, square_boxes)``.
+
+        ``inputs`` (b * n_patches + b, 3, S, S) holds every image's patches in order, then the b whole
+        images, ready for one forward pass; patch_boxes (b, n_patches, 4), square_boxes (b, 4) (NaN:
+        none). The same numbers as ``__getitem__`` item by item, but normalized, cropped and resized
+        once per batch and written straight into ``inputs``: per-image tensor calls and the copy of a
+        concatenation cost as much as the forward pass of a small model.
+        """
+        loaded = [self._load(int(item)) for item in items]
+        b, n = len(loaded), self.n_patches
+        images = self._normalize(np.stack([entry[0] for entry in loaded]))
+        inputs = images.new_empty(b * n + b, *images.shape[1:])
+        make_patches(images, self.patch_boxes, self.input_size, out=inputs[: b * n].view(b, n, *images.shape[1:]))
+        inputs[b * n:] = images
+        squares = [entry[3] if entry[3] is not None else torch.full((4,), float("nan")) for entry in loaded]
+        return (inputs, b, torch.as_tensor([entry[1] for entry in loaded], dtype=torch.int64),
+                torch.stack([entry[2] for entry in loaded]), torch.stack(squares))

@@ -8,6 +8,7 @@ files record how many images are done, and a rerun continues from there.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from pathlib import Path
 
@@ -96,9 +97,8 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         datasets = None
         if n_done:
             datasets = {l: writers[l].file["activations"] for l in layers}
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(n_done, n_images)), batch_size=int(run_cfg.batch_size),
-            shuffle=False, num_workers=int(run_cfg.num_workers), collate_fn=_collate)
+        loader = torch.utils.data.DataLoader(_Batches(dataset, n_done, int(run_cfg.batch_size)), batch_size=None,
+                                             shuffle=False, num_workers=int(run_cfg.num_workers))
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run_cfg.autocast and device.type == "cuda"
                     else contextlib.nullcontext())
         bar = console.progress(n_patches, f"extract {model.label} [{', '.join(layers)}]", unit="patch",
@@ -106,7 +106,7 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         start = n_done
         try:
             with torch.inference_mode(), recorder:
-                for inputs, b, _, boxes, squares in loader:
+                for inputs, b, _, boxes, squares in _prefetched(loader):
                     n = b * patches_per_image  # patch rows; the b whole images follow them
                     with autocast:
                         logits, vectors = recorder(inputs.to(device, non_blocking=True))
@@ -138,15 +138,44 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
             console.wrote("activations", writers[l].commit())
 
 
-def _collate(items):
-    """One input batch: every image's patches, then the whole images (for the predicted class).
+def _prefetched(loader):
+    """The loader's batches, the next one made in a background thread while the caller uses this one.
 
-    One forward pass for both, not a second small one per batch: every operation of a forward pass
-    has a fixed cost (thread start-up), which in a batch of whole images alone is a large share.
+    Made in this process (num_workers=0), a batch (image decoding, planting, crop and resize) would
+    otherwise wait for the forward pass and the forward pass for it; a forward pass leaves part of
+    the cores idle (about 0.3 of 2 here) and both release the GIL, so they overlap. Worker processes
+    (num_workers > 0) prefetch already.
     """
-    patches, whole, index, boxes, squares = zip(*items)
-    return (torch.cat([*patches, torch.stack(whole)]), len(whole), torch.as_tensor(index), torch.stack(boxes),
-            torch.stack(squares))
+    if loader.num_workers > 0:
+        yield from loader
+        return
+    batches = iter(loader)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsvc-batches") as pool:
+        upcoming = pool.submit(next, batches, None)
+        try:
+            while (batch := upcoming.result()) is not None:
+                upcoming = pool.submit(next, batches, None)
+                yield batch
+        finally:
+            upcoming.cancel()
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The extraction's input batches from image `first` on: item j is `PatchDataset.batch` of images
+    first + j * batch_size onward, every image's patches and then the whole images (for the predicted
+    class) in one forward pass, not a second small one per batch: every operation of a forward pass
+    has a fixed cost (thread start-up), which in a batch of whole images alone is a large share.
+    Whole batches are items, so DataLoader workers (num_workers) make whole batches too."""
+
+    def __init__(self, dataset, first: int, batch_size: int):
+        self.dataset, self.first, self.batch_size = dataset, first, max(1, batch_size)
+
+    def __len__(self) -> int:
+        return -(-(len(self.dataset) - self.first) // self.batch_size)
+
+    def __getitem__(self, j: int):
+        start = self.first + j * self.batch_size
+        return self.dataset.batch(range(start, min(start + self.batch_size, len(self.dataset))))
 
 
 def _create_layout(f, images: ImageSets, dataset, n_features: int, dtype) -> "h5py.Dataset":

@@ -195,6 +195,28 @@ def test_patch_dataset_whole_images_and_workers():
     assert batch_index.tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("with_planting", [False, True])
+def test_batch_equals_items_in_extraction_layout(with_planting):
+    """`batch` (one crop-and-resize call for many images, written in place) gives the items' numbers exactly."""
+    from rsvc_cli.data.planting import Planting
+
+    rng = np.random.default_rng(1)
+    source = StubSource([rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8), _ramp_image(32, 32),
+                         rng.integers(0, 256, size=(50, 30, 3), dtype=np.uint8)])
+    planting = Planting(size=4, class_probability=[1.0], seed=3) if with_planting else None
+    dataset = PatchDataset(source, [2, 0, 1], 32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), 9, 7, planting=planting,
+                           return_image=True)
+    inputs, b, index, boxes, squares = dataset.batch([1, 2])
+    items = [dataset[1], dataset[2]]
+    expected = torch.cat([items[0][0], items[1][0], items[0][1][None], items[1][1][None]])
+    assert b == 2 and inputs.shape == (2 * 16 + 2, 3, 32, 32)
+    torch.testing.assert_close(inputs, expected, atol=0, rtol=0)
+    assert index.tolist() == [0, 1]
+    torch.testing.assert_close(boxes, torch.stack([items[0][3], items[1][3]]), atol=0, rtol=0)
+    torch.testing.assert_close(squares, torch.stack([items[0][4], items[1][4]]), atol=0, rtol=0, equal_nan=True)
+    assert bool(torch.isfinite(squares).all()) is with_planting
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"mean": (0.5, 0.5)}, {"std": (0.5, 0.0, 0.5)}, {"patch_size": 40, "stride": 3}, {"interpolation": "cubic"}],
