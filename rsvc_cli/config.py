@@ -48,6 +48,8 @@ class DatasetConfig:
     n_classes: int = 4
     image_size: int = 32
     synthetic_seed: int = 0
+    # What tells the classes apart: any of shape, hue, stripes (the others vary at random per image).
+    class_cues: List[str] = field(default_factory=lambda: ["shape", "hue", "stripes"])
     planting: PlantingConfig = field(default_factory=PlantingConfig)
     _target_: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)

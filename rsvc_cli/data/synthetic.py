@@ -1,7 +1,9 @@
 """Procedural class-structured images that need no files: for the demo, smoke runs and tests.
 
-Each class has three visual traits: an object shape, an object hue and the orientation of a
-striped background texture. Every image varies position, size, rotation, brightness, stripe
+Each class has up to three visual traits (its cues): an object shape, an object hue and the
+orientation of a striped background texture. A trait left out of ``class_cues`` is drawn at random
+per image instead, which makes the classes harder to tell apart (the planted-concept demo keeps only
+the shape, so that a small planted square is worth learning as a shortcut). Every image varies position, size, rotation, brightness, stripe
 frequency and phase, carries an optional small distractor blob and pixel noise, so a small CNN
 learns the classes in a few epochs but no two images are alike. Class ``c``'s traits depend on
 ``c`` alone and image ``j`` of class ``c`` on ``(seed, c, j)`` alone, so changing ``n_classes``
@@ -18,6 +20,7 @@ from PIL import Image
 
 from rsvc_cli.errors import RsvcError
 
+CUES = ("shape", "hue", "stripes")
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar")
 
 _HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet",
@@ -46,11 +49,19 @@ def class_traits(class_index: int) -> dict:
     }
 
 
-def _class_names(n_classes: int) -> list[str]:
+def _class_names(n_classes: int, class_cues=CUES) -> list[str]:
+    """Names from the class's own traits (``rose_disc``, ``disc_stripes60``), made unique by the class index."""
     names = []
     for class_index in range(n_classes):
         traits = class_traits(class_index)
-        name = f"{_HUE_NAMES[int(traits['hue'] * len(_HUE_NAMES) + 0.5) % len(_HUE_NAMES)]}_{traits['shape']}"
+        parts = []
+        if "hue" in class_cues:
+            parts.append(_HUE_NAMES[int(traits["hue"] * len(_HUE_NAMES) + 0.5) % len(_HUE_NAMES)])
+        if "shape" in class_cues:
+            parts.append(traits["shape"])
+        if "stripes" in class_cues:
+            parts.append(f"stripes{round(np.degrees(traits['stripe_angle']))}")
+        name = "_".join(parts) or f"class{class_index}"
         names.append(name if name not in names else f"{name}_{class_index}")
     return names
 
@@ -82,10 +93,20 @@ def _hsv_to_rgb(hue: float, saturation: float, value: float) -> np.ndarray:
     return np.asarray(colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
-def make_synthetic_image(class_index: int, image_index: int, image_size: int = 32, seed: int = 0) -> np.ndarray:
+def make_synthetic_image(class_index: int, image_index: int, image_size: int = 32, seed: int = 0,
+                         class_cues=CUES) -> np.ndarray:
     """Image ``image_index`` of class ``class_index`` as (image_size, image_size, 3) uint8."""
     rng = np.random.default_rng([seed, class_index, image_index])
     traits = class_traits(class_index)
+    # Traits that are not cues of the class: drawn per image from their own stream, so the rest of
+    # the image (and every image of the default, all-cues setting) is unchanged.
+    free = np.random.default_rng([seed, class_index, image_index, 1])
+    random_traits = {"shape": SHAPES[free.integers(len(SHAPES))],
+                     "hue": (_HUE_START + free.uniform() * _HUE_SPAN) % 1.0,
+                     "stripe_angle": free.uniform() * np.pi}
+    traits = {"shape": traits["shape"] if "shape" in class_cues else random_traits["shape"],
+              "hue": traits["hue"] if "hue" in class_cues else random_traits["hue"],
+              "stripe_angle": traits["stripe_angle"] if "stripes" in class_cues else random_traits["stripe_angle"]}
     # Pixel-centre coordinates in [0, 1) so traits scale with image_size.
     u = (np.arange(image_size) + 0.5) / image_size
     x, y = np.meshgrid(u, u, indexing="xy")
@@ -125,11 +146,20 @@ class SyntheticSource:
     ``synthetic/<class name>/<index in class>``, not files.
     """
 
-    def __init__(self, n_classes: int = 4, images_per_class: int = 60, image_size: int = 32, seed: int = 0):
+    def __init__(self, n_classes: int = 4, images_per_class: int = 60, image_size: int = 32, seed: int = 0,
+                 class_cues=CUES):
         self.n_classes = n_classes
         self.images_per_class = images_per_class
         self.image_size = image_size
         self.seed = seed
+        self.class_cues = tuple(class_cues)
+        unknown = sorted(set(self.class_cues) - set(CUES))
+        if unknown or not self.class_cues:
+            raise RsvcError(
+                problem=f"Synthetic dataset class_cues={list(self.class_cues)} is not a non-empty list of {list(CUES)}"
+                + (f" ({', '.join(unknown)} unknown)." if unknown else "."),
+                fix="Set dataset.class_cues to some of [shape,hue,stripes], e.g. dataset.class_cues=[shape].",
+            )
         for name, value, smallest in (
             ("n_classes", n_classes, 1),
             ("images_per_class", images_per_class, 1),
@@ -140,7 +170,7 @@ class SyntheticSource:
                     problem=f"Synthetic dataset {name}={value!r} is not an integer >= {smallest}.",
                     fix=f"Set dataset.{name} to an integer of at least {smallest}.",
                 )
-        self.class_names = _class_names(n_classes)
+        self.class_names = _class_names(n_classes, self.class_cues)
         self.labels = np.repeat(np.arange(n_classes, dtype=np.int64), images_per_class)
         self.paths = [
             f"synthetic/{self.class_names[label]}/{index}"
@@ -156,11 +186,11 @@ class SyntheticSource:
         if not 0 <= index < len(self):
             raise IndexError(f"image index {index} out of range for {len(self)} synthetic images")
         class_index, index_in_class = divmod(int(index), self.images_per_class)
-        pixels = make_synthetic_image(class_index, index_in_class, self.image_size, self.seed)
+        pixels = make_synthetic_image(class_index, index_in_class, self.image_size, self.seed, self.class_cues)
         return Image.fromarray(pixels)
 
     def __repr__(self) -> str:
         return (
             f"SyntheticSource(n_classes={self.n_classes}, images_per_class={self.images_per_class}, "
-            f"image_size={self.image_size}, seed={self.seed})"
+            f"image_size={self.image_size}, seed={self.seed}, class_cues={list(self.class_cues)})"
         )

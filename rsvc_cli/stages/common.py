@@ -194,7 +194,8 @@ def make_source(d: dict):
 
         per_class = d.get("images_per_class") or 60
         return SyntheticSource(n_classes=int(d.get("n_classes", 4)), images_per_class=int(per_class),
-                               image_size=int(d.get("image_size", 32)), seed=int(d.get("synthetic_seed", 0)))
+                               image_size=int(d.get("image_size", 32)), seed=int(d.get("synthetic_seed", 0)),
+                               class_cues=list(d.get("class_cues") or ["shape", "hue", "stripes"]))
     if name == "imagefolder":
         from rsvc_cli.data.imagefolder import ImageFolderSource
 
@@ -214,7 +215,8 @@ def source_identity(d: dict, source, image_index: np.ndarray) -> dict:
     """What the selected images are, independent of where the dataset lies on disk."""
     if d.get("name") == "synthetic" and not d.get("_target_"):
         return {"name": "synthetic", "n_classes": int(d.get("n_classes", 4)), "image_size": int(d.get("image_size", 32)),
-                "synthetic_seed": int(d.get("synthetic_seed", 0)), "class_names": list(source.class_names)}
+                "synthetic_seed": int(d.get("synthetic_seed", 0)), "class_cues": list(source.class_cues),
+                "class_names": list(source.class_names)}
     # Relative paths and byte sizes of the selected files: moving the tree keeps the key, while a
     # different split (train vs test) with the same file names still gets its own key.
     h = hashlib.sha256()

@@ -1,7 +1,7 @@
 """rsvc compare: every stage for one model pair and layer pair, reusing what the store has.
 
 extract (both models, all layers the sweep needs, one pass each) -> decompose (both) ->
-regress -> score -> importance -> collage -> report. Ends with the summary tables, the
+regress -> score -> importance -> collage -> (planted-concept checks) -> report. Ends with the summary tables, the
 machine-readable results table (CSV, one row per class x concept x direction) next to the
 scores artifact, and the report's path.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from rsvc_cli import console
 from rsvc_cli.stages import collage as collage_stage
 from rsvc_cli.stages import importance as importance_stage
+from rsvc_cli.stages import planted
 from rsvc_cli.stages import report as report_stage
 from rsvc_cli.stages.regress import prepare_pair, regress
 from rsvc_cli.stages.score import score, write_results_table
@@ -26,6 +27,10 @@ def run(cfg) -> dict:
     # that `score` wrote without its importance columns.
     result["table"] = write_results_table(result["path"].with_suffix(".csv"), result, extra_columns=extra)
     result["collages"] = collage_stage.collage(pair, cfg, result)
+    # Comparison images with squares on exactly one class: the planted-concept experiment's checks.
+    check = planted.planted_check(pair, cfg, result)
+    if check is not None:
+        result["planted"] = check
     if cfg.report:
         result["report"] = report_stage.report(pair, cfg, result)
         console.say(f"[bold]report:[/bold] {result['report']}")

@@ -71,6 +71,16 @@ def report(pair, cfg, result: dict) -> Path:
     meta = {"store": str(cfg.store), "scores artifact": str(result["path"]), "evaluation": result.get("evaluation"),
             "decomposition": f"{cfg.decomposition.method}, {cfg.decomposition.n_concepts} concepts",
             "regression": f"{cfg.regression.method} (alpha {cfg.regression.alpha}), {cfg.regression.n_folds} folds"}
+    check = result.get("planted")
+    if check is not None:
+        concept, rates = check["square_concept"], check["shortcut"]
+        meta["planted-concept experiment"] = (
+            f"{'PASSED' if check['passed'] else 'FAILED'}: class {check['planted_class']}, model 1's lowest concept "
+            f"{concept['concept']} has similarity {concept['similarity']:.3f} (median of square-free concepts "
+            f"{concept['square_free_median']:.3f}) and square content {concept['square_content']:.2f}; other-class "
+            f"images called {check['planted_class']} with/without the square: model 1 "
+            f"{rates['model1']['with']:.0%}/{rates['model1']['without']:.0%}, model 2 "
+            f"{rates['model2']['with']:.0%}/{rates['model2']['without']:.0%}")
     return write_report(out, {
         "title": f"{p.get('model1')} {p.get('layer1')} vs {p.get('model2')} {p.get('layer2')}",
         "subtitle": "RSVC: which concepts each model shares, and which it has alone. "

@@ -26,6 +26,8 @@ from rsvc_cli.stages.train import load_inputs
 PIXEL_TOLERANCE = 1e-6
 # Planted colour in a collage PNG (bicubic tile resizing blends only the square's edge).
 COLOUR_TOLERANCE = 40
+CIFAR_TEST_SIZES = ["model1.train.dataset.images_per_class=500", "model2.train.dataset.images_per_class=500",
+                    "dataset.images_per_class=100"]
 SYNTHETIC_SMALL = ["experiment=planted_synthetic", "dataset.n_classes=3", "dataset.images_per_class=10"]
 
 
@@ -146,47 +148,90 @@ def _visible_squares(png_path) -> int:
     return int(ndimage.label(planted_colour)[1])
 
 
+# Three seeds of each experiment: model training (initialization, order, augmentation), the squares'
+# placement in the training images and in the comparison images. Seed 0 is the presets' own setting.
+SEEDS = [0, 1, 2]
+
+
+def _seed_overrides(seed: int) -> list[str]:
+    return [f"model1.train.seed={seed}", f"model2.train.seed={seed}", f"model1.train.dataset.planting.seed={seed + 1}",
+            f"model2.train.dataset.planting.seed={seed + 1}", f"dataset.planting.seed={seed + 2}"]
+
+
+def _checked_experiment(overrides: list[str]) -> dict:
+    """Train (or reuse) both models, compare them (no importance, no report) and run both checks."""
+    from rsvc_cli.stages.regress import prepare_pair, regress
+    from rsvc_cli.stages.score import score
+
+    cfg = compose("compare", *overrides, "importance.enabled=false", "report=false")
+    pair = prepare_pair(cfg)
+    check = planted.planted_check(pair, cfg, score(pair, cfg, regress(pair, cfg)))
+    assert check is not None, "the comparison plants squares on exactly one class"
+    return check
+
+
+def _assert_shortcut_learned_by_model1_only(check: dict) -> None:
+    m1, m2 = check["shortcut"]["model1"], check["shortcut"]["model2"]
+    assert m1["with"] >= planted.SHORTCUT_RATIO_MIN * m1["without"] and m1["with"] >= planted.SHORTCUT_RATE_MIN, m1
+    assert m2["with"] - m2["without"] <= planted.MODEL2_INCREASE_MAX, m2
+
+
+def _assert_square_concept_found_and_unique(check: dict) -> None:
+    concept = check["square_concept"]
+    assert concept["square_content"] >= planted.SQUARE_CONTENT_MIN, concept
+    assert concept["similarity"] <= planted.SIMILARITY_RATIO_MAX * concept["square_free_median"], concept
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    """One store for the synthetic experiments: the demo reuses seed 0's trained models and artifacts."""
+    return tmp_path_factory.mktemp("planted_synthetic") / "store"
+
+
 @pytest.mark.slow
-def test_demo_trains_both_models_once_compares_and_reports(store):
+@pytest.mark.parametrize("seed", SEEDS)
+def test_planted_synthetic_shortcut_is_learned_on_every_seed(seed, synthetic_store):
+    # Only the shortcut: the square concept is unique to model 1 on seed 0 (the demo, tested below) but
+    # not on seeds 1 and 2 (2->1 about 0.5, not half the others' median; the preset says why).
+    check = _checked_experiment(["experiment=planted_synthetic", f"store={synthetic_store}", *_seed_overrides(seed)])
+    assert check["planted_class"] == load_image_sets(compose("compare", "experiment=planted_synthetic").dataset).class_names[0]
+    _assert_shortcut_learned_by_model1_only(check)
+
+
+@pytest.mark.slow
+def test_demo_trains_both_models_once_compares_and_reports(synthetic_store):
     """`rsvc compare experiment=planted_synthetic` (make demo): trains, caches, reports, prints the checks."""
     from rsvc_cli.stages import compare
     from rsvc_cli.stages.regress import prepare_pair
 
-    cfg = compose("compare", "experiment=planted_synthetic", f"store={store}")
+    cfg = compose("compare", "experiment=planted_synthetic", f"store={synthetic_store}")
     result = compare.run(cfg)
-    checkpoints = sorted((store / "checkpoints").glob("*.pt"))
-    assert len(checkpoints) == 2, "model 1 and model 2 are trained into the store"
-    mtimes = [p.stat().st_mtime_ns for p in checkpoints]
-    pair = prepare_pair(cfg)  # a rerun reuses the checkpoints, nothing is retrained
-    assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
-    assert result["report"].exists()
-    check = result.get("planted") or planted.planted_check(pair, cfg, result)
-    assert check is not None and check["planted_class"] == pair.images.class_names[0]
-    # Collages paint the square back at its recorded box: the most square-laden concept's top collage
-    # shows at least as many squares as its square content says its tiles hold (a magenta-ish distractor
-    # blob of the synthetic images may add one).
-    name = check["planted_class"]
-    contents = np.nan_to_num(check["square_concept"]["square_contents"])
-    squarest = int(np.argmax(contents))
-    assert contents[squarest] >= 0.5, "some concept of the planted class is mostly square patches"
-    top = result["report"].parent / result["collages"][(name, "model1", squarest)]["top"]
-    assert _visible_squares(top) >= round(contents[squarest] * int(cfg.n_tiles))
+    checkpoints = {p: p.stat().st_mtime_ns for p in (synthetic_store / "checkpoints").glob("*.pt")}
+    assert checkpoints, "the models are trained into the store"
+    prepare_pair(cfg)  # a rerun reuses the checkpoints, nothing is retrained
+    assert {p: p.stat().st_mtime_ns for p in (synthetic_store / "checkpoints").glob("*.pt")} == checkpoints
+    check = result["planted"]
+    _assert_shortcut_learned_by_model1_only(check)
+    _assert_square_concept_found_and_unique(check)
+    assert check["passed"], "compare runs both checks and the demo passes them"
+    report = result["report"].read_text()
+    assert "planted-concept experiment" in report and "PASSED" in report
+    # The square concept's top collage shows the square (painted back at its recorded box) in as many
+    # tiles as its square content says its top patches hold.
+    concept = check["square_concept"]
+    top = result["report"].parent / result["collages"][(check["planted_class"], "model1", concept["concept"])]["top"]
+    assert _visible_squares(top) >= round(concept["square_content"] * int(cfg.n_tiles))
 
 
 @pytest.mark.slow
-def test_planted_cifar_finds_the_square_and_the_shortcut(store, shared_dir):
-    """experiment=planted_cifar: ResNet-20 fine-tuned with and without the airplane shortcut (one seed)."""
-    from rsvc_cli.stages.regress import prepare_pair, regress
-    from rsvc_cli.stages.score import score
-
-    cfg = compose("compare", *_cifar_overrides(store), "importance.enabled=false", "report=false")
-    pair = prepare_pair(cfg)
-    result = score(pair, cfg, regress(pair, cfg))
-    check = planted.planted_check(pair, cfg, result)
-    concept, shortcut = check["square_concept"], check["shortcut"]
+@pytest.mark.parametrize("seed", SEEDS)
+def test_planted_cifar_finds_the_square_and_the_shortcut(seed, tmp_path_factory, shared_dir):
+    """experiment=planted_cifar: the shared ResNet-20 fine-tuned with and without the airplane shortcut."""
+    # Half the preset's training images and 100 comparison images per class: the three seeds in a
+    # quarter of an hour on 2 cores (the preset itself, seed 0, is measured in the issue's note).
+    check = _checked_experiment([*_cifar_overrides(tmp_path_factory.mktemp("cifar") / "store"), *_seed_overrides(seed),
+                                 *CIFAR_TEST_SIZES])
     assert check["planted_class"] == "airplane"
-    assert concept["square_content"] >= planted.SQUARE_CONTENT_MIN
-    assert concept["similarity"] <= planted.SIMILARITY_RATIO_MAX * concept["square_free_median"]
-    m1, m2 = shortcut["model1"], shortcut["model2"]
-    assert m1["with"] >= planted.SHORTCUT_RATIO_MIN * m1["without"] and m1["with"] >= planted.SHORTCUT_RATE_MIN
-    assert m2["with"] - m2["without"] <= planted.MODEL2_INCREASE_MAX
+    _assert_shortcut_learned_by_model1_only(check)
+    _assert_square_concept_found_and_unique(check)
+    assert check["passed"]
