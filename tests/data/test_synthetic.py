@@ -94,9 +94,31 @@ def test_small_cnn_learns_classes_in_a_few_epochs(seed, one_thread):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"n_classes": 0}, {"images_per_class": 0}, {"image_size": 4}, {"n_classes": 2.5}]
+    "kwargs", [{"n_classes": 0}, {"images_per_class": 0}, {"image_size": 4}, {"n_classes": 2.5},
+               {"class_cues": ["colour"]}, {"class_cues": []}]
 )
 def test_invalid_parameters(kwargs):
     with pytest.raises(RsvcError) as info:
         SyntheticSource(**kwargs)
     assert "dataset." in info.value.fix
+
+
+def test_class_cues_left_out_vary_per_image_and_the_rest_is_unchanged():
+    full = SyntheticSource(n_classes=3, images_per_class=6)
+    assert SyntheticSource(n_classes=3, images_per_class=6, class_cues=["hue", "shape", "stripes"]).class_names == \
+        full.class_names
+    np.testing.assert_array_equal(_pixels(full, 4), _pixels(SyntheticSource(3, 6, class_cues=["shape", "hue", "stripes"]), 4))
+    stripes_only = SyntheticSource(n_classes=3, images_per_class=6, class_cues=["stripes"])
+    assert all(name.startswith("stripes") for name in stripes_only.class_names)
+    assert len(set(stripes_only.class_names)) == 3
+    # With hue left out, one class's objects take many hues: the most saturated pixels of its
+    # images (the object) differ in colour far more than a class with its own hue.
+    def object_colours(source, label):
+        colours = []
+        for index in np.flatnonzero(source.labels == label):
+            pixels = _pixels(source, index).reshape(-1, 3)
+            saturation = pixels.max(1) - pixels.min(1)
+            colours.append(pixels[saturation >= np.quantile(saturation, 0.95)].mean(0))
+        return np.std(colours, axis=0).mean()
+
+    assert object_colours(stripes_only, 0) > 3 * object_colours(full, 0)
