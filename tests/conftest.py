@@ -37,7 +37,7 @@ def _isolated(tmp_path, monkeypatch):
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # usable by module-scoped fixtures too
 def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"../shared is missing (looked for {SHARED}); the tests need its real data and checkpoints.")
