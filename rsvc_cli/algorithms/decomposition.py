@@ -135,8 +135,8 @@ class NMF(_Decomposition):
     initialization from a seeded randomized SVD, then per iteration coordinate-descent (HALS)
     sweeps over the concepts for U and for W (two per factor, accelerated HALS: scikit-learn does
     one), stopping when the summed projected-gradient violation falls below ``tol`` times that of
-    the first iteration (scikit-learn's rule; fewer iterations than scikit-learn, same or lower error). ``init``: "nndsvd", "nndsvda" (zeros filled with the
-    mean activation) or "nndsvdar" (small random fill). ``dtype``: None computes in the activations'
+    the first iteration (scikit-learn's rule; fewer iterations than scikit-learn, same or lower
+    error). ``init``: "nndsvd", "nndsvda" (zeros filled with the mean activation) or "nndsvdar" (small random fill). ``dtype``: None computes in the activations'
     floating dtype, or "float32"/"float64".
     """
 

@@ -228,18 +228,17 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_index)
 
-    def _load(self, item: int) -> tuple[np.ndarray, int, torch.Tensor, torch.Tensor | None]:
+    def _load(self, item: int) -> tuple[np.ndarray, int, torch.Tensor, torch.Tensor]:
         """Item ``item``'s input pixels (S, S, 3) uint8 (square painted), its source index, its patch
-        boxes (n, 4) and its square box (4,) in original pixels (NaN: none; None without planting)."""
+        boxes (n, 4) and its square box (4,) in original pixels (NaN: none planted)."""
         index = int(self.image_index[item])
         image = self.source.load_image(index)
         width, height = image.size
         pixels = np.asarray(resize_and_crop(image, self.input_size, self.interpolation))
-        square_original = None
+        square_original = torch.full((4,), float("nan"))
         if self.planting is not None:
             probability = float(self.planting_probability[self.planting_label[item]])
             pixels, square_box = self.planting.plant(pixels, self.planting_key[item], probability)
-            square_original = torch.full((4,), float("nan"))
             if square_box is not None:
                 square_original[:] = torch.from_numpy(
                     boxes_in_original_pixels(square_box, width, height, self.input_size).astype(np.float32))
@@ -261,9 +260,8 @@ class PatchDataset(Dataset):
         if self.return_image:
             # The extraction layout: the whole normalized input (for the model's prediction on the
             # image) and always a square box (NaN without planting).
-            square = square_original if square_original is not None else torch.full((4,), float("nan"))
-            return patches, image_tensor, index, patch_boxes, square
-        if square_original is None:
+            return patches, image_tensor, index, patch_boxes, square_original
+        if self.planting is None:
             return patches, index, patch_boxes
         return patches, index, patch_boxes, square_original
 
@@ -282,6 +280,5 @@ class PatchDataset(Dataset):
         inputs = images.new_empty(b * n + b, *images.shape[1:])
         make_patches(images, self.patch_boxes, self.input_size, out=inputs[: b * n].view(b, n, *images.shape[1:]))
         inputs[b * n:] = images
-        squares = [entry[3] if entry[3] is not None else torch.full((4,), float("nan")) for entry in loaded]
         return (inputs, b, torch.as_tensor([entry[1] for entry in loaded], dtype=torch.int64),
-                torch.stack([entry[2] for entry in loaded]), torch.stack(squares))
+                torch.stack([entry[2] for entry in loaded]), torch.stack([entry[3] for entry in loaded]))

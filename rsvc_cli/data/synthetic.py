@@ -3,8 +3,8 @@
 Each class has up to three visual traits (its cues): an object shape, an object hue and the
 orientation of a striped background texture. A trait left out of ``class_cues`` is drawn at random
 per image instead, which makes the classes harder to tell apart (the planted-concept demo keeps only
-the shape, so that a small planted square is worth learning as a shortcut). Every image varies position, size, rotation, brightness, stripe
-frequency and phase, carries an optional small distractor blob and pixel noise, so a small CNN
+the stripes, so that a small planted square is worth learning as a shortcut). Every image varies
+position, size, rotation, brightness, stripe frequency and phase, carries an optional small distractor blob and pixel noise, so a small CNN
 learns the classes in a few epochs but no two images are alike. Class ``c``'s traits depend on
 ``c`` alone and image ``j`` of class ``c`` on ``(seed, c, j)`` alone, so changing ``n_classes``
 or ``images_per_class`` never changes an image that exists in both settings; a second seed gives
@@ -21,6 +21,7 @@ from PIL import Image
 from rsvc_cli.errors import RsvcError
 
 CUES = ("shape", "hue", "stripes")
+_TRAIT_OF_CUE = {"shape": "shape", "hue": "hue", "stripes": "stripe_angle"}
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar")
 
 _HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet",
@@ -104,9 +105,7 @@ def make_synthetic_image(class_index: int, image_index: int, image_size: int = 3
     random_traits = {"shape": SHAPES[free.integers(len(SHAPES))],
                      "hue": (_HUE_START + free.uniform() * _HUE_SPAN) % 1.0,
                      "stripe_angle": free.uniform() * np.pi}
-    traits = {"shape": traits["shape"] if "shape" in class_cues else random_traits["shape"],
-              "hue": traits["hue"] if "hue" in class_cues else random_traits["hue"],
-              "stripe_angle": traits["stripe_angle"] if "stripes" in class_cues else random_traits["stripe_angle"]}
+    traits = {**random_traits, **{_TRAIT_OF_CUE[cue]: traits[_TRAIT_OF_CUE[cue]] for cue in class_cues}}
     # Pixel-centre coordinates in [0, 1) so traits scale with image_size.
     u = (np.arange(image_size) + 0.5) / image_size
     x, y = np.meshgrid(u, u, indexing="xy")

@@ -190,12 +190,12 @@ def make_source(d: dict):
                             "class_names, labels and load_image(i).") from None
         return factory(**(d.get("kwargs") or {}))
     if name == "synthetic":
-        from rsvc_cli.data.synthetic import SyntheticSource
+        from rsvc_cli.data.synthetic import CUES, SyntheticSource
 
         per_class = d.get("images_per_class") or 60
         return SyntheticSource(n_classes=int(d.get("n_classes", 4)), images_per_class=int(per_class),
                                image_size=int(d.get("image_size", 32)), seed=int(d.get("synthetic_seed", 0)),
-                               class_cues=list(d.get("class_cues") or ["shape", "hue", "stripes"]))
+                               class_cues=list(d.get("class_cues") or CUES))
     if name == "imagefolder":
         from rsvc_cli.data.imagefolder import ImageFolderSource
 

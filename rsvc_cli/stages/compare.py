@@ -1,8 +1,8 @@
 """rsvc compare: every stage for one model pair and layer pair, reusing what the store has.
 
 extract (both models, all layers the sweep needs, one pass each) -> decompose (both) ->
-regress -> score -> importance -> collage -> (planted-concept checks) -> report. Ends with the summary tables, the
-machine-readable results table (CSV, one row per class x concept x direction) next to the
+regress -> score -> importance -> collage -> (planted-concept checks) -> report. Ends with the
+summary tables, the machine-readable results table (CSV, one row per class x concept x direction) next to the
 scores artifact, and the report's path.
 """
 

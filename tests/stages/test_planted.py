@@ -188,34 +188,30 @@ def synthetic_store(tmp_path_factory):
     return tmp_path_factory.mktemp("planted_synthetic") / "store"
 
 
-@pytest.fixture(scope="module")
-def synthetic_checks(synthetic_store):
-    """seed -> both checks of experiment=planted_synthetic, each seed run once for the tests below."""
+def _once_per_seed(overrides_for_seed) -> callable:
+    """seed -> both checks of the experiment `overrides_for_seed(seed)` describes, each seed run once."""
     checks = {}
 
     def check(seed: int) -> dict:
         if seed not in checks:
-            checks[seed] = _checked_experiment(["experiment=planted_synthetic", f"store={synthetic_store}",
-                                                *_seed_overrides(seed)])
+            checks[seed] = _checked_experiment(overrides_for_seed(seed))
         return checks[seed]
 
     return check
+
+
+@pytest.fixture(scope="module")
+def synthetic_checks(synthetic_store):
+    return _once_per_seed(lambda seed: ["experiment=planted_synthetic", f"store={synthetic_store}",
+                                        *_seed_overrides(seed)])
 
 
 @pytest.fixture(scope="module")
 def cifar_checks(tmp_path_factory, shared_dir):
-    """seed -> both checks of experiment=planted_cifar at test size, each seed run once."""
-    checks = {}
-
-    def check(seed: int) -> dict:
-        if seed not in checks:
-            # Half the preset's training images and 100 comparison images per class: a seed in about
-            # 4 minutes on 2 cores (the preset itself, seed 0, is measured in the issue's note).
-            store = tmp_path_factory.mktemp("cifar") / "store"
-            checks[seed] = _checked_experiment([*_cifar_overrides(store), *_seed_overrides(seed), *CIFAR_TEST_SIZES])
-        return checks[seed]
-
-    return check
+    # Half the preset's training images and 100 comparison images per class: a seed in about 4
+    # minutes on 2 cores (the preset itself, seed 0, is measured in the issue's note).
+    return _once_per_seed(lambda seed: [*_cifar_overrides(tmp_path_factory.mktemp("cifar") / "store"),
+                                        *_seed_overrides(seed), *CIFAR_TEST_SIZES])
 
 
 # Known gaps, measured: seeds where model 1's square concepts stay partly predictable by model 2.
