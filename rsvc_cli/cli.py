@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from rsvc_cli import runtime
 from rsvc_cli.errors import EXIT_USER_ERROR, RsvcError
 
 # stage -> (one-line description, module under rsvc_cli.stages)
@@ -178,10 +179,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Idle OpenMP threads sleep instead of spinning (before torch loads its OpenMP runtime, and inherited
-    # by launcher workers). Spinning threads take the cores from the threads with work wherever the CPU
-    # is shared or small: 40x slower NMF, 2x slower extraction with 2 threads on a busy 2-core machine.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    runtime.configure()  # OpenMP waiting and memory reuse, before torch loads
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in argv:
         argv.remove("--debug")

@@ -29,7 +29,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RSVC_PROGRESS", "0")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the rsvc command sets it, before torch loads
+from rsvc_cli import runtime  # noqa: E402
+
+runtime.configure()  # as the rsvc command does, before torch loads
 
 import torch  # noqa: E402
 
