@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -149,12 +148,34 @@ def make_patches(image_tensor: torch.Tensor, boxes, input_size: int, out: torch.
         columns = x0[group, None, None] + torch.arange(box_width, device=boxes.device)[None, None, :]
         crops = image_tensor[..., rows, columns].movedim(-4, -3)  # (..., m, c, h, w)
         if (box_height, box_width) != (input_size, input_size):
-            flat = crops.reshape(-1, channels, box_height, box_width)
-            resized = F.interpolate(flat, size=(input_size, input_size), mode="bilinear", align_corners=False,
-                                    antialias=False)
-            crops = resized.reshape(*crops.shape[:-2], input_size, input_size)
+            # Bilinear resizing is separable and every box of the group has one size, so it is two
+            # matrix products with the same small interpolation matrices: R_y crop R_x^T. Written
+            # straight into the patches, about 3x faster on a CPU than F.interpolate plus a copy,
+            # and equal to it up to float rounding.
+            rows_matrix = bilinear_matrix(box_height, input_size, image_tensor.dtype, image_tensor.device)
+            columns_matrix = bilinear_matrix(box_width, input_size, image_tensor.dtype, image_tensor.device)
+            half_resized = torch.matmul(rows_matrix, crops)  # (..., m, c, S, w)
+            if group.numel() == len(boxes) and bool((group == torch.arange(len(boxes), device=group.device)).all()):
+                torch.matmul(half_resized, columns_matrix.T, out=patches)
+                continue
+            crops = torch.matmul(half_resized, columns_matrix.T)
         patches[..., group, :, :, :] = crops
     return patches
+
+
+def bilinear_matrix(in_size: int, out_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(out_size, in_size) matrix of 1-D bilinear resizing, as F.interpolate(mode="bilinear",
+    align_corners=False, antialias=False) does it: output pixel j samples the input at
+    (j + 0.5) * in_size / out_size - 0.5, clamped to the edge pixels, by linear interpolation."""
+    source = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+    lower = source.floor().long().clamp_max(in_size - 1)
+    upper = (lower + 1).clamp_max(in_size - 1)
+    weight = source - lower
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    outputs = torch.arange(out_size)
+    matrix.index_put_((outputs, lower), 1 - weight, accumulate=True)
+    matrix.index_put_((outputs, upper), weight, accumulate=True)
+    return matrix.to(dtype=dtype, device=device)
 
 
 def boxes_in_original_pixels(boxes, width: int, height: int, input_size: int) -> np.ndarray:
