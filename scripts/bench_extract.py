@@ -9,6 +9,9 @@ with the layer hooks, the whole-image pass for the predicted class, HDF5 writes)
 same torch threads; the patches of the bare loop are made beforehand and are not timed. Printed as
 bare time / extraction time (a throughput ratio; goal >= 0.9). The two alternate `--repeats` times
 and the best time of each counts (others' load on a shared machine only ever slows a run down).
+Extraction runs the patches only up to the deepest requested layer when that skips at least a tenth
+of the network (test_vit's default blocks.0,blocks.1 do; `--layers blocks.1 blocks.5` does not, and
+shows the overhead of everything else), while the bare loop always runs the whole model.
 
 Memory: extraction of N and 10 N images, each in a fresh process: peak RSS and tracemalloc's peak
 (Python and numpy allocations). Extraction streams batches into the HDF5 file, so neither should
@@ -30,7 +33,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RSVC_PROGRESS", "0")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the rsvc command sets it, before torch loads
+from rsvc_cli import runtime  # noqa: E402
+
+runtime.configure()  # as the rsvc command does, before torch loads
 
 import torch  # noqa: E402
 
@@ -178,7 +183,8 @@ def memory_child(model_name: str, n_images: int, batch_size: int) -> None:
 def memory(model_name: str, n_images: int, batch_size: int) -> tuple[dict, dict]:
     runs = []
     for n in (n_images, 10 * n_images):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, str(n), str(batch_size)],
+        out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, str(n), str(batch_size),
+                              "--layers", *LAYERS[model_name]],
                              capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"the memory run of {model_name} with {n} images failed:\n{out.stderr[-3000:]}")
@@ -207,13 +213,19 @@ def main() -> int:
     parser.add_argument("--memory-batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="layers to extract, for every model (default per model); with the network's "
+                        "last block among them, extraction cannot stop the patches' pass early")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         model_name, n, batch = args.memory_child
+        LAYERS[model_name] = args.layers or LAYERS[model_name]
         memory_child(model_name, int(n), int(batch))
         return 0
     torch.manual_seed(0)
+    if args.layers:
+        LAYERS.update({model_name: list(args.layers) for model_name in args.models})
     if args.threads:
         torch.set_num_threads(args.threads)
     print("Note: on a shared machine timings are noisy; the ratio is measured in one process, alternating runs.")

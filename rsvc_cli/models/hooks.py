@@ -8,6 +8,7 @@ large feature maps never pile up: feature maps (n, c, h, w) by their spatial mea
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -169,24 +170,28 @@ def list_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[tupl
 
         return hook
 
-    handles = [
-        submodule.register_forward_hook(make_hook(name))
-        for name, submodule in module.named_modules()
-        if name
-    ]
+    hooks = {name: make_hook(name) for name, _ in module.named_modules() if name}
+    _dummy_forward(module, hooks, batch_size=2, height=height, width=width)
+    return [(name, shapes[name]) for name in layer_names_of(module) if name in shapes and calls[name] == 1]
+
+
+def _dummy_forward(module: nn.Module, hooks: dict, batch_size: int, height: int, width: int, context=None) -> None:
+    """One forward pass of zeros in eval mode with forward hooks {layer name: hook} registered (inside
+    ``context`` if given); the hooks are removed and the train/eval modes restored afterwards."""
+    modules = dict(module.named_modules())
+    handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
     modes = {submodule: submodule.training for submodule in module.modules()}
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     try:
         module.eval()  # no BatchNorm statistics updates, no dropout
-        with torch.no_grad():
-            module(torch.zeros(2, 3, height, width, device=device))
+        with context or contextlib.nullcontext(), torch.no_grad():
+            module(torch.zeros(batch_size, 3, height, width, device=device))
     finally:
         for handle in handles:
             handle.remove()
         for submodule, training in modes.items():
             submodule.training = training
-    return [(name, shapes[name]) for name in layer_names_of(module) if name in shapes and calls[name] == 1]
 
 
 def _square(input_size: int | Sequence[int]) -> tuple[int, int]:
@@ -198,6 +203,40 @@ def _square(input_size: int | Sequence[int]) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------
 # Recording
+
+
+class _AllRecorded(Exception):
+    """Raised from the last layer's hook to end a forward pass early (LayerRecorder(stop_early=True))."""
+
+
+def share_of_compute_through(module: nn.Module, layer_names: Iterable[str], input_size: int | Sequence[int]) -> float:
+    """Fraction of a forward pass's floating-point operations done once every named layer has run.
+
+    Counted (matrix products, convolutions, attention) on one dummy input; 1.0 when the layers are
+    the last thing the model computes, lower when a pass could stop after them and skip the rest.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = list(dict.fromkeys(layer_names))
+    height, width = _square(input_size)
+    counter = FlopCounterMode(display=False)
+    recorded: set[str] = set()
+    through: list[int] = []
+
+    def make_hook(name: str):
+        def hook(_module, _inputs, _output):
+            recorded.add(name)
+            if len(recorded) == len(names) and not through:
+                through.append(counter.get_total_flops())
+
+        return hook
+
+    _dummy_forward(module, {name: make_hook(name) for name in names}, batch_size=1, height=height, width=width,
+                   context=counter)
+    total = counter.get_total_flops()
+    if not through or total <= 0:
+        return 1.0
+    return min(1.0, through[0] / total)
 # ------------------------------------------------------------------------------------------
 
 
@@ -230,6 +269,7 @@ class LayerRecorder:
         self.has_cls_token = model_has_cls_token(module)
         self._records: dict[str, torch.Tensor] = {}
         self._calls: Counter[str] = Counter()
+        self._stop_early = False
         modules = dict(module.named_modules())
         self._handles = [modules[name].register_forward_hook(self._make_hook(name)) for name in self.layer_names]
 
@@ -252,18 +292,29 @@ class LayerRecorder:
                     has_cls_token=has_cls_token,
                     layer_name=name,
                 )
+                if self._stop_early and len(self._records) == len(self.layer_names):
+                    raise _AllRecorded
 
         return hook
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Run the model once; return its logits and {layer name: (n, d) float32 vectors}."""
+    def __call__(self, images: torch.Tensor, stop_early: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Run the model once; return its logits and {layer name: (n, d) float32 vectors}.
+
+        ``stop_early``: end the forward pass as soon as every layer is recorded (logits None). The
+        layers after the deepest requested one are not computed; whether a layer would run again
+        later in the pass is then not checked (a full pass checks it).
+        """
         if not self._handles:
             raise RuntimeError("LayerRecorder is closed")
         self._records = {}
         self._calls = Counter()
+        self._stop_early = stop_early
         try:
             with torch.no_grad():
-                logits = self.module(images)
+                try:
+                    logits = self.module(images)
+                except _AllRecorded:
+                    return None, dict(self._records)
             wrong = {name: self._calls[name] for name in self.layer_names if self._calls[name] != 1}
             if wrong:
                 described = ", ".join(f"{name!r} ran {count} times" for name, count in wrong.items())
@@ -275,6 +326,7 @@ class LayerRecorder:
             return logits, dict(self._records)
         finally:
             self._records = {}
+            self._stop_early = False
 
     def close(self) -> None:
         """Remove the hooks; the module is as it was before."""

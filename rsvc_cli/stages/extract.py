@@ -1,6 +1,7 @@
 """rsvc extract: activations of one model on the patches of the image sets.
 
-One forward pass per batch records every requested layer; each layer is its own artifact
+One forward pass per batch records every requested layer (and stops after the deepest one when
+that skips a good share of the network); each layer is its own artifact
 (`activations/<model>-<layer>-<key>.h5`) so that layers are shared between comparisons. Layers
 that are already complete are skipped; the others are written together, resumably: the partial
 files record how many images are done, and a rerun continues from there.
@@ -32,6 +33,9 @@ from rsvc_cli.stages.common import (
 )
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+# Patches stop at the deepest requested layer when that skips at least this share of the network's
+# compute (more than the fixed cost of the separate whole-image pass it then needs).
+EARLY_STOP_MIN_SAVING = 0.1
 
 
 def run(cfg) -> dict[str, Path]:
@@ -74,7 +78,7 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
 
 def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, contents, run_cfg) -> None:
     from rsvc_cli.data.patches import PatchDataset
-    from rsvc_cli.models.hooks import LayerRecorder
+    from rsvc_cli.models.hooks import LayerRecorder, share_of_compute_through
 
     device = resolve_device(run_cfg.device)
     dtype = STORAGE_DTYPES[run_cfg.storage_dtype]
@@ -94,6 +98,10 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         if n_done:
             console.say(f"resuming extraction at image {n_done}/{n_images}")
         recorder = LayerRecorder(module, layers, token_reduce=model.token_reduce)
+        # Patches need the network only up to the deepest requested layer. Where that leaves enough of
+        # it out, patches stop there and the whole images (for the predicted class) get a pass of their
+        # own; otherwise one pass over both costs less than two (each pass has a fixed cost).
+        stop_early = share_of_compute_through(module, layers, model.input_size) <= 1 - EARLY_STOP_MIN_SAVING
         datasets = None
         if n_done:
             datasets = {l: writers[l].file["activations"] for l in layers}
@@ -108,10 +116,15 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
             with torch.inference_mode(), recorder:
                 for inputs, b, _, boxes, squares in _prefetched(loader):
                     n = b * patches_per_image  # patch rows; the b whole images follow them
+                    inputs = inputs.to(device, non_blocking=True)
                     with autocast:
-                        logits, vectors = recorder(inputs.to(device, non_blocking=True))
-                    vectors = {l: v[:n] for l, v in vectors.items()}
-                    predicted = logits[n:].float().argmax(-1).cpu().numpy()
+                        if stop_early:
+                            _, vectors = recorder(inputs[:n], stop_early=True)
+                            logits, _ = recorder(inputs[n:])
+                        else:
+                            logits, vectors = recorder(inputs)
+                            vectors, logits = {l: v[:n] for l, v in vectors.items()}, logits[n:]
+                    predicted = logits.float().argmax(-1).cpu().numpy()
                     if datasets is None:
                         datasets = {l: _create_layout(writers[l].file, images, dataset, vectors[l].shape[-1], dtype)
                                     for l in layers}

@@ -18,6 +18,7 @@ from rsvc_cli.models.hooks import (
     model_has_cls_token,
     reduce_to_vectors,
     resolve_layer_names,
+    share_of_compute_through,
 )
 from rsvc_cli.models.registry import make_model
 
@@ -313,3 +314,35 @@ def test_unknown_token_reduce(test_vit):
         LayerRecorder(test_vit.module, ["blocks.0"], token_reduce="max")
     assert "cls" in error.value.fix and "mean" in error.value.fix
 
+
+
+def test_recorder_stop_early_records_the_same_and_skips_the_rest(test_vit):
+    vit, images = test_vit.module, images_for(test_vit, seed=4)
+    layers = ["blocks.1", "blocks.0"]  # any order: the pass ends once both are recorded
+    later_blocks = []
+    handle = vit.blocks[2].register_forward_hook(lambda *_: later_blocks.append(1))
+    try:
+        with LayerRecorder(vit, layers) as recorder:
+            logits, full = recorder(images)
+            stopped_logits, stopped = recorder(images, stop_early=True)
+            assert len(later_blocks) == 1  # the full pass ran blocks.2, the stopped one did not
+            again, _ = recorder(images)  # a stopped pass leaves the recorder as it was
+    finally:
+        handle.remove()
+    assert stopped_logits is None and logits is not None
+    torch.testing.assert_close(again, logits, **EXACT)
+    for layer in layers:
+        torch.testing.assert_close(stopped[layer], full[layer], **EXACT)
+
+
+def test_share_of_compute_through_the_deepest_layer(test_vit, test_resnet):
+    vit = test_vit.module
+    side = test_vit.data_config.input_size
+    first, second, last = (share_of_compute_through(vit, [name], side) for name in ("blocks.0", "blocks.1", "blocks.5"))
+    assert 0 < first < second < last <= 1
+    assert last > 0.99  # only the norm and the head come after the last block
+    # Six equal blocks after a patch embedding: the second block ends about a third of the way in.
+    assert 0.2 < second < 0.6
+    # The deepest of several layers counts, whatever the order they are named in.
+    assert share_of_compute_through(vit, ["blocks.1", "blocks.0"], side) == second
+    assert share_of_compute_through(test_resnet.module, ["layer4"], test_resnet.data_config.input_size) > 0.9

@@ -54,6 +54,18 @@ def test_timm_resnet_and_vit_shapes_and_token_reduction(store):
     assert (cls["activations"] < 0).any(), "ViT tokens are signed"
 
 
+def test_patches_stopped_after_the_deepest_layer_match_a_full_pass(tmp_path):
+    common = ["model=test_vit", "dataset=synthetic", "dataset.n_classes=2", "dataset.images_per_class=5",
+              "batch_size=4"]
+    # blocks.1 alone: patches stop after it (a third of the network), whole images get their own pass.
+    stopped = _read(_run("layers=[blocks.1]", f"store={tmp_path / 'a'}", *common)["blocks.1"])
+    # With blocks.5 as well nothing can be skipped: one full pass over patches and whole images.
+    full = _read(_run("layers=[blocks.1,blocks.5]", f"store={tmp_path / 'b'}", *common)["blocks.1"])
+    # Same numbers; batches of other sizes may round differently in the last float32 digits.
+    np.testing.assert_allclose(stopped["activations"], full["activations"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(stopped["predicted_class"], full["predicted_class"])
+
+
 def test_second_run_reuses_and_a_changed_setting_recomputes(store, capsys):
     args = ["model=test_resnet", "layers=[layer1]", "dataset.n_classes=2", "dataset.images_per_class=5", f"store={store}"]
     first = _run(*args)["layer1"]
