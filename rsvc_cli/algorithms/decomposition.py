@@ -10,7 +10,8 @@ sets ``concept_basis_``, ``coefficients_``, ``reconstruction_error_`` (Frobenius
 batch entry, like sklearn's ``NMF.reconstruction_err_``) and ``n_iter_`` (per batch entry).
 
 - ``NMF``: NNDSVD initialization and the coordinate-descent (HALS) updates of scikit-learn's
-  ``solver="cd"``, vectorized over batch entries and samples; transform is exact NNLS.
+  ``solver="cd"``, vectorized over batch entries and samples and accelerated by extrapolation;
+  transform is exact NNLS.
 - ``SemiNMF``: non-negative U, signed W, the multiplicative updates of Ding, Li & Jordan (2010).
 - ``PCA``: coefficients are projections of the centered activations on the principal axes.
 - ``KMeans``: Lloyd's algorithm from a seeded greedy k-means++; W = centroids, U = one-hot.
@@ -43,6 +44,13 @@ _NNDSVD_EPS = 1e-6
 # the benchmark data, 3 sweeps: 107). 2, because on exactly low-rank data, where both solvers
 # reach a near-zero error, 3 stopped at an error up to 8% above scikit-learn's (the tests allow 2%).
 _INNER_SWEEPS = 2
+# Extrapolation (Ang & Gillis 2019): the starting beta, its shrink factor on a restart, its growth
+# factor after a decrease and the growth of its cap. 0.25 measured best of 0.1-0.5 on the benchmark
+# data (0.5 restarts so often that it saves almost nothing); the factors are the paper's.
+_EXTRAPOLATION_START = 0.25
+_EXTRAPOLATION_SHRINK = 1.5
+_EXTRAPOLATION_GROW = 1.05
+_EXTRAPOLATION_CAP_GROW = 1.01
 _DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -134,9 +142,9 @@ class NMF(_Decomposition):
     The algorithm of ``sklearn.decomposition.NMF(solver="cd", beta_loss="frobenius")``: NNDSVD
     initialization from a seeded randomized SVD, then per iteration coordinate-descent (HALS)
     sweeps over the concepts for U and for W (two per factor, accelerated HALS: scikit-learn does
-    one), stopping when the summed projected-gradient violation falls below ``tol`` times that of
-    the first iteration (scikit-learn's rule; fewer iterations than scikit-learn, same or lower
-    error). ``init``: "nndsvd", "nndsvda" (zeros filled with the mean activation) or "nndsvdar" (small random fill). ``dtype``: None computes in the activations'
+    one) from extrapolated factors (Ang & Gillis 2019), stopping when the summed projected-gradient
+    violation falls below ``tol`` times that of the first iteration (scikit-learn's rule; fewer
+    than half of scikit-learn's iterations on activation-like data, same or lower error). ``init``: "nndsvd", "nndsvda" (zeros filled with the mean activation) or "nndsvdar" (small random fill). ``dtype``: None computes in the activations'
     floating dtype, or "float32"/"float64".
     """
 
@@ -402,31 +410,66 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
     one after another: each update uses the ones before it (Gauss-Seidel), which is what makes the
     iteration monotone, so that loop cannot be vectorized without changing the algorithm.
 
-    Accelerated HALS (Gillis & Glineur, "Accelerated multiplicative updates and hierarchical ALS
-    algorithms for nonnegative matrix factorization", Neural Computation 2012): the products with
-    the activations (A W^T, U^T A: n d k flops each) dominate an iteration, while a HALS sweep on
-    the Gram matrices costs n k^2 (d k^2). So each factor gets ``_INNER_SWEEPS`` sweeps per product
-    instead of scikit-learn's one: every sweep still decreases the error, and the costly products
-    are needed far fewer times. The stopping rule is scikit-learn's, on the projected gradient
-    measured in the first sweep of each factor (the gradient at the start of the iteration).
+    Two accelerations, each measured to reach the same or a lower error in fewer iterations:
+
+    - Accelerated HALS (Gillis & Glineur, Neural Computation 2012): the products with the
+      activations (A W^T, U^T A: n d k flops each) dominate an iteration, while a HALS sweep on the
+      Gram matrices costs n k^2 (d k^2). So each factor gets ``_INNER_SWEEPS`` sweeps per product.
+    - Extrapolation with restarts (Ang & Gillis, "Accelerating nonnegative matrix factorization
+      algorithms using extrapolation", Neural Computation 2019): each factor update starts from,
+      and the other factor is fitted against, the last update pushed further along its last step,
+      U + beta (U - U_previous), clipped at 0. Where the error of an iteration goes up, that entry
+      restarts from its plain iterates with a smaller beta; while it goes down, beta grows. On the
+      benchmark data: 53 iterations instead of 124, the error of every class within 5e-6 of
+      scikit-learn's or lower.
+
+    The stopping rule is scikit-learn's: the summed projected-gradient violation, measured in the
+    first sweep of each factor, below ``tol`` times that of the first iteration. A last U update
+    against the final basis makes the returned coefficients a best response to it.
     """
+    dtype, all_activations = activations.dtype, activations
+    squared_norm = activations.pow(2).sum(dim=(-2, -1), dtype=torch.float64)
     coefficients_t = coefficients.mT.contiguous()
     concept_basis = concept_basis.contiguous()
+    # The points the next updates start from and are fitted against (the extrapolated factors).
+    ahead_t, ahead_basis = coefficients_t.clone(), concept_basis.clone()
+    n_batch = activations.shape[0]
+    beta = torch.full((n_batch,), _EXTRAPOLATION_START, dtype=torch.float64, device=activations.device)
+    beta_cap = torch.ones_like(beta)
+    previous_error = torch.full_like(beta, torch.inf)
     tracker = _BatchConvergence((coefficients_t, concept_basis))
     violation_init = None
     iteration = 0
     for iteration in range(1, max_iter + 1):
+        step = beta.to(dtype)[:, None, None]
         # U step (sklearn's "update W"): gradient of 1/2 ||A - U W||^2 in U is U (W W^T) - A W^T.
         # W A^T is (B, k, n), the concept-major layout of U^T, and the fastest form of this product.
-        gram, cross = concept_basis @ concept_basis.mT, concept_basis @ activations.mT
+        gram, cross = ahead_basis @ ahead_basis.mT, ahead_basis @ activations.mT
+        previous_t, coefficients_t = coefficients_t, ahead_t
         violation = _coordinate_descent_sweep(coefficients_t, gram, cross, track_violation=True)
         for _ in range(_INNER_SWEEPS - 1):
             _coordinate_descent_sweep(coefficients_t, gram, cross)
+        ahead_t = torch.addcmul(coefficients_t, step, coefficients_t - previous_t).clamp_(min=0)
         # W step: gradient in W is (U^T U) W - U^T A.
-        gram, cross = coefficients_t @ coefficients_t.mT, coefficients_t @ activations
+        gram, cross = ahead_t @ ahead_t.mT, ahead_t @ activations
+        previous_basis, concept_basis = concept_basis, ahead_basis
         violation += _coordinate_descent_sweep(concept_basis, gram, cross, track_violation=True)
         for _ in range(_INNER_SWEEPS - 1):
             _coordinate_descent_sweep(concept_basis, gram, cross)
+        ahead_basis = torch.addcmul(concept_basis, step, concept_basis - previous_basis).clamp_(min=0)
+        # ||A - U_ahead W||^2 from the products at hand: ||A||^2 - 2 <W, U^T A> + <U^T U, W W^T>.
+        error = (
+            squared_norm
+            - 2 * (concept_basis * cross).sum(dim=(-2, -1), dtype=torch.float64)
+            + (gram * (concept_basis @ concept_basis.mT)).sum(dim=(-2, -1), dtype=torch.float64)
+        )
+        worse = error > previous_error
+        restart = worse[:, None, None]
+        ahead_t = torch.where(restart, coefficients_t, ahead_t)
+        ahead_basis = torch.where(restart, concept_basis, ahead_basis)
+        beta = torch.where(worse, beta / _EXTRAPOLATION_SHRINK, torch.minimum(beta_cap, beta * _EXTRAPOLATION_GROW))
+        beta_cap = torch.where(worse, beta_cap, (beta_cap * _EXTRAPOLATION_CAP_GROW).clamp_(max=1))
+        previous_error = torch.where(worse, previous_error, error)
         if violation_init is None:
             violation_init = violation
         converged = (violation_init == 0) | (violation <= tol * violation_init)
@@ -434,9 +477,16 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
         if keep is not None:
             if keep.numel() == 0:
                 break
-            activations, coefficients_t, concept_basis = activations[keep], coefficients_t[keep], concept_basis[keep]
-            violation_init = violation_init[keep]
+            activations, squared_norm = activations[keep], squared_norm[keep]
+            coefficients_t, concept_basis, ahead_t, ahead_basis = (
+                coefficients_t[keep], concept_basis[keep], ahead_t[keep], ahead_basis[keep])
+            beta, beta_cap, previous_error, violation_init = (
+                beta[keep], beta_cap[keep], previous_error[keep], violation_init[keep])
     coefficients_t, concept_basis = tracker.finish((coefficients_t, concept_basis), iteration)
+    # The basis was last fitted against the extrapolated coefficients: update U against it.
+    gram, cross = concept_basis @ concept_basis.mT, concept_basis @ all_activations.mT
+    for _ in range(_INNER_SWEEPS):
+        _coordinate_descent_sweep(coefficients_t, gram, cross)
     return coefficients_t.mT.contiguous(), concept_basis, tracker.n_iter
 
 
