@@ -16,14 +16,18 @@ import argparse
 import time
 import warnings
 
-import numpy as np
-import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import Lasso as SklearnLasso
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
+from rsvc_cli import runtime
 
-from rsvc_cli.algorithms.regression import Lasso, cross_validate, grouped_kfold
+runtime.configure()  # as the rsvc command does, before torch loads (both sides run in this process)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.linear_model import Lasso as SklearnLasso  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from rsvc_cli.algorithms.regression import Lasso, cross_validate, grouped_kfold  # noqa: E402
 
 PATCHES_PER_IMAGE = 16
 

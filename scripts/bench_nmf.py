@@ -15,13 +15,17 @@ import argparse
 import time
 import warnings
 
-import numpy as np
-import torch
-from sklearn.decomposition import NMF as SklearnNMF
-from sklearn.exceptions import ConvergenceWarning
-from threadpoolctl import threadpool_limits
+from rsvc_cli import runtime
 
-from rsvc_cli.algorithms.decomposition import NMF
+runtime.configure()  # as the rsvc command does, before torch loads (both sides run in this process)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.decomposition import NMF as SklearnNMF  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from rsvc_cli.algorithms.decomposition import NMF  # noqa: E402
 
 
 def make_activations(n_classes, n_samples, n_features, n_parts=20, seed=0):

@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-import torch
-from scipy.optimize import nnls as scipy_nnls
-from threadpoolctl import threadpool_limits
+from rsvc_cli import runtime
 
-from rsvc_cli.algorithms.nnls import nnls
+runtime.configure()  # as the rsvc command does, before torch loads (both sides run in this process)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.optimize import nnls as scipy_nnls  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from rsvc_cli.algorithms.nnls import nnls  # noqa: E402
 
 
 def make_problem(n_rows: int, n_concepts: int, n_features: int, seed: int = 0):
