@@ -11,6 +11,8 @@ folder under `<store>/reports/`.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 from pathlib import Path
 
 import numpy as np
@@ -70,36 +72,68 @@ def collage(pair, cfg, result: dict) -> dict:
     written = {}
     n_total = sum(2 * reg.classes[name]["coefficients1_evaluation"].shape[1] for name in reg.classes)
     bar = console.progress(n_total, "collages", unit="concept")
-    for name, entry in reg.classes.items():
-        rows = entry["evaluation_rows"]
-        boxes, image_index = acts.patch_box[rows], acts.image_index[rows]
-        for owner in (1, 2):
-            true = entry[f"coefficients{owner}_evaluation"]
-            predicted = entry[CROSS[owner]]["evaluation_prediction"]
-            similarity = result["classes"][name]["similarity"]
-            for k in range(true.shape[1]):
-                title = (f"{name} · model{owner} concept {k} · {CROSS[owner]} "
-                         f"{_fmt(similarity[CROSS[owner]][k])} (self {_fmt(similarity[f'{owner}->{owner}'][k])})")
-                grids = make_concept_collages(get_image, boxes, image_index, true[:, k], predicted[:, k], title,
-                                              n_tiles=int(cfg.n_tiles))
-                paths = {}
-                for kind, image in grids.items():
-                    rel = Path("collages") / _slug(name) / f"model{owner}_concept{k}_{kind}.png"
-                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                    image.save(out / rel, compress_level=PNG_COMPRESSION)
-                    paths[kind] = str(rel)
-                if len(rows):
-                    best = int(image_index[int(np.nanargmax(np.where(np.isfinite(true[:, k]), true[:, k], -np.inf)))])
-                    on_best = image_index == best
-                    heat = concept_heatmap(get_image(best), boxes[on_best], true[on_best, k])
-                    rel = Path("collages") / _slug(name) / f"model{owner}_concept{k}_heatmap.png"
-                    heat.save(out / rel, compress_level=PNG_COMPRESSION)
-                    paths["heatmap"] = str(rel)
-                written[(name, f"model{owner}", k)] = paths
-                bar.update(1)
+    with _BackgroundSaver() as saver:
+        for name, entry in reg.classes.items():
+            rows = entry["evaluation_rows"]
+            boxes, image_index = acts.patch_box[rows], acts.image_index[rows]
+            for owner in (1, 2):
+                true = entry[f"coefficients{owner}_evaluation"]
+                predicted = entry[CROSS[owner]]["evaluation_prediction"]
+                similarity = result["classes"][name]["similarity"]
+                for k in range(true.shape[1]):
+                    title = (f"{name} · model{owner} concept {k} · {CROSS[owner]} "
+                             f"{_fmt(similarity[CROSS[owner]][k])} (self {_fmt(similarity[f'{owner}->{owner}'][k])})")
+                    grids = make_concept_collages(get_image, boxes, image_index, true[:, k], predicted[:, k], title,
+                                                  n_tiles=int(cfg.n_tiles))
+                    paths = {}
+                    for kind, image in grids.items():
+                        rel = Path("collages") / _slug(name) / f"model{owner}_concept{k}_{kind}.png"
+                        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                        saver.save(image, out / rel)
+                        paths[kind] = str(rel)
+                    if len(rows):
+                        best = int(image_index[int(np.nanargmax(np.where(np.isfinite(true[:, k]), true[:, k], -np.inf)))])
+                        on_best = image_index == best
+                        heat = concept_heatmap(get_image(best), boxes[on_best], true[on_best, k])
+                        rel = Path("collages") / _slug(name) / f"model{owner}_concept{k}_heatmap.png"
+                        saver.save(heat, out / rel)
+                        paths["heatmap"] = str(rel)
+                    written[(name, f"model{owner}", k)] = paths
+                    bar.update(1)
     bar.close()
     console.say(f"collages: {out / 'collages'}")
     return written
+
+
+class _BackgroundSaver:
+    """Writes PNGs in a second thread while the next grids are drawn: PNG encoding releases the GIL,
+    and it and the file writes were a third of the collage stage. At most ``max_pending`` images
+    wait in memory; an error in a write is raised by the next save or at the end of the ``with`` block."""
+
+    def __init__(self, max_pending: int = 32):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsvc-png")
+        self._pending: collections.deque = collections.deque()
+        self._max_pending = max_pending
+
+    def save(self, image, path: Path) -> None:
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(image.save, path, compress_level=PNG_COMPRESSION))
+
+    def __enter__(self) -> "_BackgroundSaver":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        """Wait for every write; a write's error is raised unless another one is on its way already."""
+        try:
+            while self._pending:
+                future = self._pending.popleft()
+                if exc_type is None:
+                    future.result()
+                else:
+                    future.exception()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fmt(value) -> str:
