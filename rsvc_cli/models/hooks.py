@@ -8,15 +8,17 @@ large feature maps never pile up: feature maps (n, c, h, w) by their spatial mea
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from rsvc_cli.errors import RsvcError
+
+T = TypeVar("T")
 
 TOKEN_REDUCTIONS = ("cls", "mean")
 N_SUGGESTIONS = 5
@@ -175,9 +177,9 @@ def list_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[tupl
     return [(name, shapes[name]) for name in layer_names_of(module) if name in shapes and calls[name] == 1]
 
 
-def _dummy_forward(module: nn.Module, hooks: dict, batch_size: int, height: int, width: int, context=None) -> None:
-    """One forward pass of zeros in eval mode with forward hooks {layer name: hook} registered (inside
-    ``context`` if given); the hooks are removed and the train/eval modes restored afterwards."""
+def _dummy_forward(module: nn.Module, hooks: dict, batch_size: int, height: int, width: int) -> None:
+    """One forward pass of zeros in eval mode with forward hooks {layer name: hook} registered; the
+    hooks are removed and the train/eval modes restored afterwards."""
     modules = dict(module.named_modules())
     handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
     modes = {submodule: submodule.training for submodule in module.modules()}
@@ -185,7 +187,7 @@ def _dummy_forward(module: nn.Module, hooks: dict, batch_size: int, height: int,
     device = parameter.device if parameter is not None else torch.device("cpu")
     try:
         module.eval()  # no BatchNorm statistics updates, no dropout
-        with context or contextlib.nullcontext(), torch.no_grad():
+        with torch.no_grad():
             module(torch.zeros(batch_size, 3, height, width, device=device))
     finally:
         for handle in handles:
@@ -209,16 +211,18 @@ class _AllRecorded(Exception):
     """Raised from the last layer's hook to end a forward pass early (LayerRecorder(stop_early=True))."""
 
 
-def share_of_compute_through(module: nn.Module, layer_names: Iterable[str], input_size: int | Sequence[int]) -> float:
-    """Fraction of a forward pass's floating-point operations done once every named layer has run.
+def run_counting_compute(module: nn.Module, layer_names: Iterable[str], forward: Callable[[], T]) -> tuple[T, float]:
+    """Run ``forward()``, a forward pass of ``module``, while counting its floating-point operations
+    (matrix products, convolutions, attention: torch's FlopCounterMode). Returns its result and the
+    fraction of those operations done once every named layer had run: 1.0 when the layers are the
+    last thing the model computes, lower when a pass could stop after them and skip the rest.
 
-    Counted (matrix products, convolutions, attention) on one dummy input; 1.0 when the layers are
-    the last thing the model computes, lower when a pass could stop after them and skip the rest.
+    Measured on a real batch, so that no extra pass over the model is needed (not even a dummy one).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     names = list(dict.fromkeys(layer_names))
-    height, width = _square(input_size)
+    modules = dict(module.named_modules())
     counter = FlopCounterMode(display=False)
     recorded: set[str] = set()
     through: list[int] = []
@@ -231,13 +235,16 @@ def share_of_compute_through(module: nn.Module, layer_names: Iterable[str], inpu
 
         return hook
 
-    _dummy_forward(module, {name: make_hook(name) for name in names}, batch_size=1, height=height, width=width,
-                   context=counter)
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in names]
+    try:
+        with counter:
+            result = forward()
+    finally:
+        for handle in handles:
+            handle.remove()
     total = counter.get_total_flops()
-    if not through or total <= 0:
-        return 1.0
-    return min(1.0, through[0] / total)
-# ------------------------------------------------------------------------------------------
+    share = min(1.0, through[0] / total) if through and total > 0 else 1.0
+    return result, share
 
 
 def _is_channels_last(module: nn.Module) -> bool:

@@ -18,7 +18,7 @@ from rsvc_cli.models.hooks import (
     model_has_cls_token,
     reduce_to_vectors,
     resolve_layer_names,
-    share_of_compute_through,
+    run_counting_compute,
 )
 from rsvc_cli.models.registry import make_model
 
@@ -335,14 +335,21 @@ def test_recorder_stop_early_records_the_same_and_skips_the_rest(test_vit):
         torch.testing.assert_close(stopped[layer], full[layer], **EXACT)
 
 
-def test_share_of_compute_through_the_deepest_layer(test_vit, test_resnet):
-    vit = test_vit.module
-    side = test_vit.data_config.input_size
-    first, second, last = (share_of_compute_through(vit, [name], side) for name in ("blocks.0", "blocks.1", "blocks.5"))
+def test_run_counting_compute_measures_the_share_through_the_deepest_layer(test_vit, test_resnet):
+    vit, images = test_vit.module, images_for(test_vit)
+
+    def share(module, names, inputs):
+        with torch.no_grad():
+            logits, measured = run_counting_compute(module, names, lambda: module(inputs))
+        assert logits.shape[0] == inputs.shape[0]  # the pass's own result comes back
+        return measured
+
+    first, second, last = (share(vit, [name], images) for name in ("blocks.0", "blocks.1", "blocks.5"))
     assert 0 < first < second < last <= 1
     assert last > 0.99  # only the norm and the head come after the last block
     # Six equal blocks after a patch embedding: the second block ends about a third of the way in.
     assert 0.2 < second < 0.6
     # The deepest of several layers counts, whatever the order they are named in.
-    assert share_of_compute_through(vit, ["blocks.1", "blocks.0"], side) == second
-    assert share_of_compute_through(test_resnet.module, ["layer4"], test_resnet.data_config.input_size) > 0.9
+    assert share(vit, ["blocks.1", "blocks.0"], images) == pytest.approx(second)
+    assert share(test_resnet.module, ["layer4"], images_for(test_resnet)) > 0.9
+    assert not any(len(m._forward_hooks) for m in vit.modules())  # its hooks are gone
