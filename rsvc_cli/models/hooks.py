@@ -247,6 +247,27 @@ def run_counting_compute(module: nn.Module, layer_names: Iterable[str], forward:
     return result, share
 
 
+def share_of_compute_through(module: nn.Module, layer_names: Iterable[str], input_size: int | Sequence[int]) -> float:
+    """``run_counting_compute``'s share for one input of ``input_size``, on the meta device: shapes
+    only, no data and no real forward pass (a pass the model would count as one: tests do). A model
+    whose forward needs real data (it reads values) gets 1.0, i.e. never a shortened pass."""
+    height, width = _square(input_size)
+    meta = {name: torch.empty_like(tensor, device="meta")
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    try:
+        module.eval()
+        with torch.no_grad():
+            _, share = run_counting_compute(module, layer_names, lambda: torch.func.functional_call(
+                module, meta, (torch.empty(1, 3, height, width, device="meta"),)))
+    except Exception:  # noqa: BLE001 - any failure only means: no early stop
+        return 1.0
+    finally:
+        for submodule, training in modes.items():
+            submodule.training = training
+    return share
+
+
 def _is_channels_last(module: nn.Module) -> bool:
     """Modules that declare NHWC output (timm's PatchEmbed with ``output_fmt``)."""
     output_format = getattr(module, "output_fmt", None)

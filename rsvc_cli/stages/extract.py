@@ -78,7 +78,7 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
 
 def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, contents, run_cfg) -> None:
     from rsvc_cli.data.patches import PatchDataset
-    from rsvc_cli.models.hooks import LayerRecorder, run_counting_compute
+    from rsvc_cli.models.hooks import LayerRecorder, share_of_compute_through
 
     device = resolve_device(run_cfg.device)
     dtype = STORAGE_DTYPES[run_cfg.storage_dtype]
@@ -100,9 +100,8 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         recorder = LayerRecorder(module, layers, token_reduce=model.token_reduce)
         # Patches need the network only up to the deepest requested layer. Where that leaves enough of
         # it out, patches stop there and the whole images (for the predicted class) get a pass of their
-        # own; otherwise one pass over both costs less than two (each pass has a fixed cost). The
-        # first batch runs in full and measures which it is.
-        stop_early = None
+        # own; otherwise one pass over both costs less than two (each pass has a fixed cost).
+        stop_early = share_of_compute_through(module, layers, model.input_size) <= 1 - EARLY_STOP_MIN_SAVING
         datasets = None
         if n_done:
             datasets = {l: writers[l].file["activations"] for l in layers}
@@ -123,11 +122,7 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
                             _, vectors = recorder(inputs[:n], stop_early=True)
                             logits, _ = recorder(inputs[n:])
                         else:
-                            if stop_early is None:
-                                (logits, vectors), share = run_counting_compute(module, layers, lambda: recorder(inputs))
-                                stop_early = share <= 1 - EARLY_STOP_MIN_SAVING
-                            else:
-                                logits, vectors = recorder(inputs)
+                            logits, vectors = recorder(inputs)
                             vectors, logits = {l: v[:n] for l, v in vectors.items()}, logits[n:]
                     predicted = logits.float().argmax(-1).cpu().numpy()
                     if datasets is None:
