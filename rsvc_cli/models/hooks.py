@@ -8,6 +8,7 @@ large feature maps never pile up: feature maps (n, c, h, w) by their spatial mea
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -172,26 +173,31 @@ def list_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[tupl
 
         return hook
 
-    hooks = {name: make_hook(name) for name, _ in module.named_modules() if name}
-    _dummy_forward(module, hooks, batch_size=2, height=height, width=width)
-    return [(name, shapes[name]) for name in layer_names_of(module) if name in shapes and calls[name] == 1]
-
-
-def _dummy_forward(module: nn.Module, hooks: dict, batch_size: int, height: int, width: int) -> None:
-    """One forward pass of zeros in eval mode with forward hooks {layer name: hook} registered; the
-    hooks are removed and the train/eval modes restored afterwards."""
-    modules = dict(module.named_modules())
-    handles = [modules[name].register_forward_hook(hook) for name, hook in hooks.items()]
-    modes = {submodule: submodule.training for submodule in module.modules()}
+    handles = [
+        submodule.register_forward_hook(make_hook(name))
+        for name, submodule in module.named_modules()
+        if name
+    ]
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     try:
-        module.eval()  # no BatchNorm statistics updates, no dropout
-        with torch.no_grad():
-            module(torch.zeros(batch_size, 3, height, width, device=device))
+        with _evaluating(module), torch.no_grad():
+            module(torch.zeros(2, 3, height, width, device=device))
     finally:
         for handle in handles:
             handle.remove()
+    return [(name, shapes[name]) for name in layer_names_of(module) if name in shapes and calls[name] == 1]
+
+
+@contextlib.contextmanager
+def _evaluating(module: nn.Module):
+    """Eval mode (no BatchNorm statistics updates, no dropout) inside, every submodule's own
+    train/eval mode restored after."""
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    try:
+        module.eval()
+        yield module
+    finally:
         for submodule, training in modes.items():
             submodule.training = training
 
@@ -216,8 +222,6 @@ def run_counting_compute(module: nn.Module, layer_names: Iterable[str], forward:
     (matrix products, convolutions, attention: torch's FlopCounterMode). Returns its result and the
     fraction of those operations done once every named layer had run: 1.0 when the layers are the
     last thing the model computes, lower when a pass could stop after them and skip the rest.
-
-    Measured on a real batch, so that no extra pass over the model is needed (not even a dummy one).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -254,17 +258,12 @@ def share_of_compute_through(module: nn.Module, layer_names: Iterable[str], inpu
     height, width = _square(input_size)
     meta = {name: torch.empty_like(tensor, device="meta")
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
-    modes = {submodule: submodule.training for submodule in module.modules()}
     try:
-        module.eval()
-        with torch.no_grad():
+        with _evaluating(module), torch.no_grad():
             _, share = run_counting_compute(module, layer_names, lambda: torch.func.functional_call(
                 module, meta, (torch.empty(1, 3, height, width, device="meta"),)))
     except Exception:  # noqa: BLE001 - any failure only means: no early stop
         return 1.0
-    finally:
-        for submodule, training in modes.items():
-            submodule.training = training
     return share
 
 

@@ -97,11 +97,12 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         n_done = min(int(w.file.attrs.get("n_done_images", 0)) if w.resumed else 0 for w in writers.values())
         if n_done:
             console.say(f"resuming extraction at image {n_done}/{n_images}")
-        recorder = LayerRecorder(module, layers, token_reduce=model.token_reduce)
         # Patches need the network only up to the deepest requested layer. Where that leaves enough of
         # it out, patches stop there and the whole images (for the predicted class) get a pass of their
-        # own; otherwise one pass over both costs less than two (each pass has a fixed cost).
+        # own; otherwise one pass over both costs less than two (each pass has a fixed cost). Measured
+        # before the recorder's hooks exist, so they never see the meta-device pass.
         stop_early = share_of_compute_through(module, layers, model.input_size) <= 1 - EARLY_STOP_MIN_SAVING
+        recorder = LayerRecorder(module, layers, token_reduce=model.token_reduce)
         datasets = None
         if n_done:
             datasets = {l: writers[l].file["activations"] for l in layers}
