@@ -53,8 +53,6 @@ def original_image(images, image_index: int, square_box=None):
 
 def collage(pair, cfg, result: dict) -> dict:
     """Write every concept's grids (and heatmap of its best image); return {(class, owner, k): {kind: rel path}}."""
-    from rsvc_cli.viz.collage import concept_heatmap, make_concept_collages
-
     out = comparison_dir(cfg, result)
     reg_content = regression_content(pair, regression_params(cfg), str(cfg.dataset.group_by))
     reg = read_regression(result["regression_path"], reg_content)
@@ -76,33 +74,41 @@ def collage(pair, cfg, result: dict) -> dict:
         for name, entry in reg.classes.items():
             rows = entry["evaluation_rows"]
             boxes, image_index = acts.patch_box[rows], acts.image_index[rows]
+            similarity = result["classes"][name]["similarity"]
             for owner in (1, 2):
                 true = entry[f"coefficients{owner}_evaluation"]
                 predicted = entry[CROSS[owner]]["evaluation_prediction"]
-                similarity = result["classes"][name]["similarity"]
                 for k in range(true.shape[1]):
                     title = (f"{name} · model{owner} concept {k} · {CROSS[owner]} "
                              f"{_fmt(similarity[CROSS[owner]][k])} (self {_fmt(similarity[f'{owner}->{owner}'][k])})")
-                    grids = make_concept_collages(get_image, boxes, image_index, true[:, k], predicted[:, k], title,
-                                                  n_tiles=int(cfg.n_tiles))
-                    paths = {}
-                    for kind, image in grids.items():
-                        rel = Path("collages") / _slug(name) / f"model{owner}_concept{k}_{kind}.png"
-                        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                        saver.save(image, out / rel)
-                        paths[kind] = str(rel)
-                    if len(rows):
-                        best = int(image_index[int(np.nanargmax(np.where(np.isfinite(true[:, k]), true[:, k], -np.inf)))])
-                        on_best = image_index == best
-                        heat = concept_heatmap(get_image(best), boxes[on_best], true[on_best, k])
-                        rel = Path("collages") / _slug(name) / f"model{owner}_concept{k}_heatmap.png"
-                        saver.save(heat, out / rel)
-                        paths["heatmap"] = str(rel)
-                    written[(name, f"model{owner}", k)] = paths
+                    folder = Path("collages") / _slug(name)
+                    written[(name, f"model{owner}", k)] = _write_concept(
+                        saver, out, folder / f"model{owner}_concept{k}", get_image, boxes, image_index,
+                        true[:, k], predicted[:, k], title, int(cfg.n_tiles))
                     bar.update(1)
     bar.close()
     console.say(f"collages: {out / 'collages'}")
     return written
+
+
+def _write_concept(saver, out: Path, stem: Path, get_image, boxes, image_index, true, predicted, title: str,
+                   n_tiles: int) -> dict[str, str]:
+    """One concept's grids and the heatmap of its best image, as PNGs `<out>/<stem>_<kind>.png`;
+    returns {kind: path relative to out}."""
+    from rsvc_cli.viz.collage import concept_heatmap, make_concept_collages
+
+    (out / stem).parent.mkdir(parents=True, exist_ok=True)
+    images = make_concept_collages(get_image, boxes, image_index, true, predicted, title, n_tiles=n_tiles)
+    if len(true):
+        best = int(image_index[int(np.nanargmax(np.where(np.isfinite(true), true, -np.inf)))])
+        on_best = image_index == best
+        images["heatmap"] = concept_heatmap(get_image(best), boxes[on_best], true[on_best])
+    paths = {}
+    for kind, image in images.items():
+        rel = stem.parent / f"{stem.name}_{kind}.png"
+        saver.save(image, out / rel)
+        paths[kind] = str(rel)
+    return paths
 
 
 class _BackgroundSaver:
