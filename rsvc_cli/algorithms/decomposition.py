@@ -143,9 +143,10 @@ class NMF(_Decomposition):
     initialization from a seeded randomized SVD, then per iteration coordinate-descent (HALS)
     sweeps over the concepts for U and for W (two per factor, accelerated HALS: scikit-learn does
     one) from extrapolated factors (Ang & Gillis 2019), stopping when the summed projected-gradient
-    violation falls below ``tol`` times that of the first iteration (scikit-learn's rule; fewer
-    than half of scikit-learn's iterations on activation-like data, same or lower error). ``init``: "nndsvd", "nndsvda" (zeros filled with the mean activation) or "nndsvdar" (small random fill). ``dtype``: None computes in the activations'
-    floating dtype, or "float32"/"float64".
+    violation falls below ``tol`` times that of the first iteration (scikit-learn's rule; about a
+    third of scikit-learn's iterations on activation-like data, a lower error on average).
+    ``init``: "nndsvd", "nndsvda" (zeros filled with the mean activation) or "nndsvdar" (small random
+    fill). ``dtype``: None computes in the activations' floating dtype, or "float32"/"float64".
     """
 
     _name = "NMF"
@@ -420,8 +421,8 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
       and the other factor is fitted against, the last update pushed further along its last step,
       U + beta (U - U_previous), clipped at 0. Where the error of an iteration goes up, that entry
       restarts from its plain iterates with a smaller beta; while it goes down, beta grows. On the
-      benchmark data: 53 iterations instead of 124, the error of every class within 5e-6 of
-      scikit-learn's or lower.
+      benchmark data (100 classes): 54 iterations instead of 124 (scikit-learn: 153), the error
+      3.7e-4 below scikit-learn's on average and at most 4.1e-3 above it (one class).
 
     The stopping rule is scikit-learn's: the summed projected-gradient violation, measured in the
     first sweep of each factor, below ``tol`` times that of the first iteration. A last U update
