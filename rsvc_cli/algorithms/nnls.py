@@ -34,11 +34,14 @@ import torch
 
 from rsvc_cli.errors import RsvcError
 
-# Row chunks: float64 copies of activations (16 MB, cache-friendly), per-row k x k gathers (128 MB).
-_ACTIVATION_CHUNK_ELEMENTS = 2**21
+# Row chunks: float64 copies of activations (4 MB: 1024 rows of 512 ran fastest), per-row k x k gathers (128 MB).
+_ACTIVATION_CHUNK_ELEMENTS = 2**19
 _GATHER_CHUNK_ELEMENTS = 2**24
 # Kim & Park's backup rule: full exchanges allowed without progress before single exchanges.
 _FULL_EXCHANGE_BUDGET = 3
+# Smallest squared Cholesky pivot of a unit-diagonal Gram matrix inverted by Cholesky; it bounds the
+# smallest eigenvalue from above, so smaller ones (condition number beyond ~1e11) go to pinv.
+_CHOLESKY_MIN_PIVOT = 1e-11
 
 
 def nnls(
@@ -92,19 +95,22 @@ def nnls(
 
 def _times_basis(activations, basis):
     """b = A W^T in float64. Float32 activations are converted a chunk of rows at a time into one
-    reused buffer: bounded memory, and no page faults from a fresh float64 copy of A per chunk."""
+    reused buffer: bounded memory, and no page faults from a fresh float64 copy of A per chunk.
+    Computed as W A^T (k x rows per chunk): with k in the tens that orientation ran 25% faster than
+    A W^T here (MKL, 2 cores), and it is most of NNLS's time."""
     n_batch, n_samples, n_features = activations.shape
     if activations.dtype == torch.float64:
         return activations @ basis.mT
-    rows_per_chunk = max(1, min(n_samples, _ACTIVATION_CHUNK_ELEMENTS // max(1, n_batch * n_features)))
-    buffer = torch.empty(n_batch, rows_per_chunk, n_features, dtype=torch.float64, device=activations.device)
-    rhs = torch.empty(n_batch, n_samples, basis.shape[-2], dtype=torch.float64, device=activations.device)
-    for start in range(0, n_samples, rows_per_chunk):
-        stop = min(n_samples, start + rows_per_chunk)
-        part = buffer[:, : stop - start]
-        part.copy_(activations[:, start:stop])
-        rhs[:, start:stop] = part @ basis.mT
-    return rhs
+    rows_per_chunk = max(1, min(n_samples, _ACTIVATION_CHUNK_ELEMENTS // max(1, n_features)))
+    buffer = torch.empty(rows_per_chunk, n_features, dtype=torch.float64, device=activations.device)
+    rhs_t = torch.empty(n_batch, basis.shape[-2], n_samples, dtype=torch.float64, device=activations.device)
+    for entry in range(n_batch):
+        for start in range(0, n_samples, rows_per_chunk):
+            stop = min(n_samples, start + rows_per_chunk)
+            part = buffer[: stop - start]
+            part.copy_(activations[entry, start:stop])
+            torch.mm(basis[entry], part.T, out=rhs_t[entry, :, start:stop])
+    return rhs_t.mT.contiguous()
 
 
 def solve_nnls_gram(gram: torch.Tensor, rhs: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
@@ -242,9 +248,24 @@ def _solve_on_passive_sets(gram, rhs, passive, batch_index):
     # the eigensolver cannot mix the two blocks (a zero block would, and cost accuracy).
     masked_gram = gram[batch_index[representative]] * (mask[:, :, None] & mask[:, None, :])
     masked_gram = masked_gram + torch.diag_embed((~mask).to(gram.dtype))
-    inverse = torch.linalg.pinv(masked_gram, hermitian=True)
+    inverse = _symmetric_inverse(masked_gram)
     x = (inverse[pattern] @ rhs[:, :, None]).squeeze(-1)
     return torch.where(passive, x, 0.0)
+
+
+def _symmetric_inverse(matrices):
+    """Pseudo-inverses of symmetric PSD matrices with unit-or-less diagonals: by Cholesky where every
+    pivot is clearly positive (cheaper than the eigendecomposition pinv needs: the solver ran 15%
+    faster), by pinv where a small pivot reveals a (near) singular matrix, as a rank-deficient basis gives."""
+    factor, info = torch.linalg.cholesky_ex(matrices)
+    pivots = factor.diagonal(dim1=-2, dim2=-1)
+    well_posed = (info == 0) & (pivots.amin(-1) ** 2 > _CHOLESKY_MIN_PIVOT)
+    if bool(well_posed.all()):
+        return torch.cholesky_inverse(factor)
+    inverse = torch.empty_like(matrices)
+    inverse[well_posed] = torch.cholesky_inverse(factor[well_posed])
+    inverse[~well_posed] = torch.linalg.pinv(matrices[~well_posed], hermitian=True)
+    return inverse
 
 
 def _times_gram(gram, x, batch_index):
