@@ -214,14 +214,6 @@ def cifar_checks(tmp_path_factory, shared_dir):
                                         *_seed_overrides(seed), *CIFAR_TEST_SIZES])
 
 
-# Known gaps, measured: seeds where model 1's square concepts stay partly predictable by model 2.
-# Not strict: a CPU with other rounding trains other weights, and a gap that closes is not a failure.
-_SYNTHETIC_GAP = pytest.mark.xfail(reason="synthetic seeds 1 and 2: square concepts 2->1 0.53-0.71 against a "
-                                          "median 0.61-0.72 (model 2 sees the square as an occluder)")
-_CIFAR_GAP = pytest.mark.xfail(reason="CIFAR test size, seed 2: lowest concept half square (0.46), the square "
-                                      "concepts 0.54-0.61 against a median 0.79")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_planted_synthetic_shortcut_is_learned_on_every_seed(seed, synthetic_checks):
@@ -231,7 +223,7 @@ def test_planted_synthetic_shortcut_is_learned_on_every_seed(seed, synthetic_che
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=_SYNTHETIC_GAP), pytest.param(2, marks=_SYNTHETIC_GAP)])
+@pytest.mark.parametrize("seed", SEEDS)
 def test_planted_synthetic_square_concept_is_unique_to_model1(seed, synthetic_checks):
     _assert_square_concept_found_and_unique(synthetic_checks(seed))
 
@@ -245,7 +237,7 @@ def test_planted_cifar_shortcut_is_learned_on_every_seed(seed, cifar_checks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=_CIFAR_GAP)])
+@pytest.mark.parametrize("seed", SEEDS)
 def test_planted_cifar_square_concept_is_unique_to_model1(seed, cifar_checks):
     _assert_square_concept_found_and_unique(cifar_checks(seed))
 
