@@ -17,6 +17,12 @@ from typing import Any
 
 KINDS = ("activations", "concepts", "regression", "scores", "importance", "checkpoints")
 
+# Revision of the code that computes each kind's numbers, written into every content config (which
+# nest, so downstream keys change too). Bump one when a change alters what its stage computes (another
+# solver, a fixed bug): artifacts of earlier code are then recomputed beside the old files instead of
+# being reused as if this code had made them. Settings need no bump; they are in the content already.
+REVISIONS = {"activations": 1, "concepts": 1, "regression": 1, "scores": 1, "importance": 1, "checkpoint": 1}
+
 
 def canonical_json(content: dict[str, Any]) -> str:
     """JSON with sorted keys and no whitespace: the text that is hashed and stored."""

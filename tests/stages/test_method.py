@@ -95,3 +95,22 @@ def test_signed_activations_need_a_declared_treatment(store):
     with h5py.File(pair.concepts1[0], "r") as f:
         name = next(iter(f["classes"]))
         assert f["classes"][name]["concept_basis"].shape[1] == 2 * 64  # [relu(x), relu(-x)]
+
+
+def test_a_bumped_stage_revision_recomputes_that_stage_and_downstream_beside_the_old_files(store, monkeypatch):
+    """Code that computes other numbers never reuses what earlier code stored, and loses none of it."""
+    from rsvc_cli.store.keys import REVISIONS
+
+    cfg = compose("regress", "model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3",
+                  "dataset.n_classes=2", "dataset.images_per_class=15", "decomposition.n_concepts=3",
+                  "regression=ridge", f"store={store}")
+    before = prepare_pair(cfg)
+    regression_before = regress(before, cfg)
+    monkeypatch.setitem(REVISIONS, "concepts", REVISIONS["concepts"] + 1)
+    after = prepare_pair(cfg)
+    regression_after = regress(after, cfg)
+    assert after.activations1[0] == before.activations1[0], "upstream of the bumped stage: reused"
+    assert after.concepts1[0] != before.concepts1[0] and after.concepts2[0] != before.concepts2[0]
+    assert regression_after != regression_before, "downstream keys nest the bumped content"
+    for path in (before.concepts1[0], before.concepts2[0], regression_before):
+        assert path.exists(), f"{path.name} is kept"
