@@ -94,7 +94,10 @@ def make_class_similarities_figure(
     axes.grid(axis="y", color="#dddddd", linewidth=0.5)
     axes.set_axisbelow(True)
     axes.legend(fontsize=7, ncol=max(1, n_directions), loc="upper right", framealpha=0.9)
-    figure.tight_layout()
+    # Fixed margins in inches instead of tight_layout, which draws the whole figure once more to
+    # measure it: a report draws one of these per class and comparison, a sweep hundreds.
+    width, height = figure.get_size_inches()
+    figure.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.3 / height)
     return figure
 
 

@@ -42,6 +42,28 @@ def test_class_similarities_draws_one_bar_per_defined_value(tmp_path):
     assert_png(path)
 
 
+@pytest.mark.parametrize("n_concepts", [1, 3, 10, 25])
+def test_class_similarities_fixed_margins_keep_every_label_inside_the_figure(n_concepts):
+    """The bar chart has fixed margins (no tight_layout): titles, tick and axis labels must still fit."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    values = np.linspace(-0.4, 1.0, n_concepts)
+    figure = make_class_similarities_figure("a_rather_long_class_name: concept similarity",
+                                            {d: values for d in ("2->1", "1->1", "1->2", "2->2")})
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # places the axis labels
+    renderer = canvas.get_renderer()
+    axes = figure.axes[0]
+    texts = [axes.title, axes.xaxis.label, axes.yaxis.label,
+             *axes.get_xticklabels(), *axes.get_yticklabels()]
+    width, height = figure.bbox.width, figure.bbox.height
+    for text in texts:
+        if not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, text.get_text()
+
+
 def test_similarity_vs_importance_plots_defined_pairs(tmp_path):
     similarity = np.array([0.1, 0.5, np.nan, 0.9])
     importance = np.array([1.0, -0.5, 0.3, np.nan])
