@@ -267,10 +267,33 @@ def share_of_compute_through(module: nn.Module, layer_names: Iterable[str], inpu
     return share
 
 
-def _is_channels_last(module: nn.Module) -> bool:
-    """Modules that declare NHWC output (timm's PatchEmbed with ``output_fmt``)."""
+# Torch's own spatial layers: (n, c, h, w) by definition, whatever the model around them declares.
+_CHANNELS_FIRST_LAYERS = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                          nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
+                          nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                          nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def _declared_format(module: nn.Module) -> str | None:
     output_format = getattr(module, "output_fmt", None)
-    return str(getattr(output_format, "value", output_format)).upper() == "NHWC"
+    return None if output_format is None else str(getattr(output_format, "value", output_format)).upper()
+
+
+def is_channels_last(model: nn.Module, layer: nn.Module) -> bool:
+    """Whether ``layer``'s 4-d output is (n, h, w, c) rather than torch's (n, c, h, w).
+
+    A layer that declares its format (timm's PatchEmbed ``output_fmt``) says so itself; torch's
+    convolutions, norms and poolings are channels-first by definition; any other layer follows the
+    model's declared format (timm's Swin-style models declare ``output_fmt = "NHWC"``: their stages
+    and norms emit (n, h, w, c), and pooling those over axes (2, 3) would silently average the wrong
+    axes into vectors of length h).
+    """
+    own = _declared_format(layer)
+    if own is not None:
+        return own == "NHWC"
+    if isinstance(layer, _CHANNELS_FIRST_LAYERS):
+        return False
+    return _declared_format(model) == "NHWC"
 
 
 class LayerRecorder:
@@ -305,7 +328,7 @@ class LayerRecorder:
         num_prefix_tokens = 0 if patch_tokens_only else self.num_prefix_tokens
         has_cls_token = self.has_cls_token and not patch_tokens_only
 
-        channels_last = _is_channels_last(dict(self.module.named_modules())[name])
+        channels_last = is_channels_last(self.module, dict(self.module.named_modules())[name])
 
         def hook(_module, _inputs, output):
             self._calls[name] += 1

@@ -78,7 +78,8 @@ def _write(f, pair, cfg, result: dict, owner: int) -> None:
     from rsvc_cli.algorithms.attribution import concept_importance, integrated_gradients, relative_to_baseline, replacement_test_all
     from rsvc_cli.algorithms.nnls import nnls
     from rsvc_cli.data.patches import PatchDataset
-    from rsvc_cli.models.intervention import capture_layer_output, make_concept_head, to_positions
+    from rsvc_cli.models.hooks import is_channels_last
+    from rsvc_cli.models.intervention import capture_layer_output, find_layer, make_concept_head, to_positions
     from rsvc_cli.stages.common import patch_geometry
 
     device = resolve_device(cfg.device)
@@ -113,7 +114,8 @@ def _write(f, pair, cfg, result: dict, owner: int) -> None:
         rebuild_basis = basis[:, :d] - basis[:, d:] if signed == "split" else basis
         with torch.no_grad():
             output = capture_layer_output(module, layer, inputs)
-        positions, restore = to_positions(output, n_features=d)
+        layout = is_channels_last(module, find_layer(module, layer)) if output.ndim == 4 else None
+        positions, restore = to_positions(output, n_features=d, channels_last=layout)
         positions = positions.double()
         if signed == "split":
             positions_for_nnls = torch.cat([positions.clamp_min(0), (-positions).clamp_min(0)], dim=-1)

@@ -269,6 +269,26 @@ def test_recorder_vit_patch_embedding_is_channels_last_patch_grid(test_vit):
     torch.testing.assert_close(activations["patch_embed"], expected, **MEAN_TOLERANCE)
 
 
+def test_recorder_swin_stages_are_channels_last_and_its_convolution_is_not():
+    """timm's Swin declares NHWC output: its stages and norm emit (n, h, w, c), its patch
+    convolution (n, c, h, w). Each is averaged over its own spatial axes (h != w != c here, so a
+    wrong guess would give vectors of another length or other values)."""
+    import timm
+
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=32,
+                             patch_size=2, window_size=2, embed_dim=24, depths=(1, 1), num_heads=(1, 2)).eval()
+    images = torch.randn(N_IMAGES, 3, 32, 32)
+    layers = ["patch_embed.proj", "layers.0", "layers.1", "norm"]
+    raw = raw_outputs(swin, layers, images)
+    assert raw["layers.1"].shape == (N_IMAGES, 8, 8, 48) and raw["patch_embed.proj"].shape == (N_IMAGES, 24, 16, 16)
+    with LayerRecorder(swin, layers) as recorder:
+        _, activations = recorder(images)
+    torch.testing.assert_close(activations["patch_embed.proj"], raw["patch_embed.proj"].mean(dim=(2, 3)), **MEAN_TOLERANCE)
+    for name in ("layers.0", "layers.1", "norm"):
+        torch.testing.assert_close(activations[name], raw[name].mean(dim=(1, 2)), **MEAN_TOLERANCE)
+
+
 @pytest.mark.parametrize("name", ["cifar_resnet20", "tiniest"])
 def test_recorder_cifar_blocks_match_raw_maps(name):
     torch.manual_seed(0)
