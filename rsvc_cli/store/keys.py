@@ -21,7 +21,14 @@ KINDS = ("activations", "concepts", "regression", "scores", "importance", "check
 # nest, so downstream keys change too). Bump one when a change alters what its stage computes (another
 # solver, a fixed bug): artifacts of earlier code are then recomputed beside the old files instead of
 # being reused as if this code had made them. Settings need no bump; they are in the content already.
-REVISIONS = {"activations": 1, "concepts": 1, "regression": 1, "scores": 1, "importance": 1, "checkpoint": 1}
+REVISIONS = {
+    "activations": 2,  # 2: layers of channels-last (NHWC) models averaged over their own spatial axes
+    "concepts": 1,
+    "regression": 1,
+    "scores": 1,
+    "importance": 1,
+    "checkpoint": 1,
+}
 
 
 def canonical_json(content: dict[str, Any]) -> str:
