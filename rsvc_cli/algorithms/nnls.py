@@ -39,8 +39,9 @@ _ACTIVATION_CHUNK_ELEMENTS = 2**19
 _GATHER_CHUNK_ELEMENTS = 2**24
 # Kim & Park's backup rule: full exchanges allowed without progress before single exchanges.
 _FULL_EXCHANGE_BUDGET = 3
-# Smallest squared Cholesky pivot of a unit-diagonal Gram matrix inverted by Cholesky; it bounds the
-# smallest eigenvalue from above, so smaller ones (condition number beyond ~1e11) go to pinv.
+# Smallest squared Cholesky pivot of a unit-diagonal Gram matrix inverted by Cholesky. Every squared
+# pivot is at least the smallest eigenvalue, so a smaller one proves a condition number beyond ~1e11:
+# such matrices (a rank-deficient basis) go to pinv.
 _CHOLESKY_MIN_PIVOT = 1e-11
 
 
