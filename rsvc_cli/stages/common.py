@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rsvc_cli.errors import RsvcError
-from rsvc_cli.store.keys import REVISIONS, artifact_path
+from rsvc_cli.store.keys import artifact_path, stage_content
 
 
 def to_plain(cfg: Any) -> Any:
@@ -268,8 +268,8 @@ def patch_geometry(patch_cfg, input_size: int) -> tuple[int | None, int | None]:
 # ------------------------------------------------------------------------- content configs
 
 def activations_content(model: ModelHandle, images: ImageSets, patch: tuple, layer: str, storage_dtype: str) -> dict:
-    return {"kind": "activations", "revision": REVISIONS["activations"], "model": model.identity, "images": images.identity,
-            "patch": {"size": patch[0], "stride": patch[1]}, "layer": layer, "storage_dtype": storage_dtype}
+    return stage_content("activations", model=model.identity, images=images.identity,
+                         patch={"size": patch[0], "stride": patch[1]}, layer=layer, storage_dtype=storage_dtype)
 
 
 def activations_path(store: Path, model: ModelHandle, content: dict) -> Path:

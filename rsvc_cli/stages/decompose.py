@@ -16,7 +16,7 @@ import torch
 
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
-from rsvc_cli.store.keys import REVISIONS
+from rsvc_cli.store.keys import stage_content
 from rsvc_cli.stages.common import (
     ImageSets,
     ModelHandle,
@@ -81,7 +81,7 @@ def decomposition_params(cfg) -> dict:
 
 
 def concepts_content(act_content: dict, decomposition: dict, group_by: str) -> dict:
-    return {"kind": "concepts", "revision": REVISIONS["concepts"], "activations": act_content, "decomposition": decomposition, "group_by": group_by}
+    return stage_content("concepts", activations=act_content, decomposition=decomposition, group_by=group_by)
 
 
 def class_of_patch(acts: Activations, group_by: str) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, write_array
-from rsvc_cli.store.keys import REVISIONS
+from rsvc_cli.store.keys import stage_content
 from rsvc_cli.stages.common import produce, resolve_device, store_dir, to_plain
 from rsvc_cli.stages.decompose import read_concepts
 from rsvc_cli.stages.regress import prepare_pair, read_regression, regress, regression_content, regression_params
@@ -46,8 +46,8 @@ def importance_content(pair, cfg, owner: int) -> dict:
     reg_content = regression_content(pair, regression_params(cfg), str(cfg.dataset.group_by))
     params = to_plain(cfg.importance)
     params.pop("enabled", None)
-    return {"kind": "importance", "revision": REVISIONS["importance"], "scores": scores_content(reg_content, str(cfg.regression.evaluation)),
-            "owner": owner, "importance": params}
+    return stage_content("importance", scores=scores_content(reg_content, str(cfg.regression.evaluation)),
+                         owner=owner, importance=params)
 
 
 def importance(pair, cfg, result: dict) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
-from rsvc_cli.store.keys import REVISIONS
+from rsvc_cli.store.keys import stage_content
 from rsvc_cli.stages.common import ImageSets, load_image_sets, load_model, produce, resolve_device, store_dir, to_plain
 from rsvc_cli.stages.decompose import (
     EVALUATION_SET,
@@ -77,8 +77,8 @@ def regression_params(cfg) -> dict:
 
 
 def regression_content(pair: Pair, params: dict, group_by: str) -> dict:
-    return {"kind": "regression", "revision": REVISIONS["regression"], "concepts1": pair.concepts1[1], "concepts2": pair.concepts2[1],
-            "regression": params, "group_by": group_by}
+    return stage_content("regression", concepts1=pair.concepts1[1], concepts2=pair.concepts2[1], regression=params,
+                         group_by=group_by)
 
 
 def run(cfg) -> Path:

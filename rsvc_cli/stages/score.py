@@ -20,7 +20,7 @@ import torch
 from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
-from rsvc_cli.store.keys import REVISIONS
+from rsvc_cli.store.keys import stage_content
 from rsvc_cli.stages.common import produce, resolve_device, store_dir
 from rsvc_cli.stages.decompose import read_activations
 from rsvc_cli.stages.regress import DIRECTIONS, direction_group, prepare_pair, read_regression, regress, regression_content, regression_params
@@ -38,7 +38,7 @@ def run(cfg) -> dict:
 
 
 def scores_content(reg_content: dict, evaluation: str) -> dict:
-    return {"kind": "scores", "revision": REVISIONS["scores"], "regression": reg_content, "evaluation": evaluation}
+    return stage_content("scores", regression=reg_content, evaluation=evaluation)
 
 
 def score(pair, cfg, regression_path: Path) -> dict:

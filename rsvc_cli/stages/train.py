@@ -18,7 +18,7 @@ import torch
 
 from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
-from rsvc_cli.store.keys import REVISIONS, artifact_path, canonical_json, content_key
+from rsvc_cli.store.keys import artifact_path, canonical_json, content_key, stage_content
 from rsvc_cli.store.lock import artifact_lock
 
 
@@ -33,7 +33,7 @@ def train_content(model_cfg, base_identity: dict, data_identity: dict) -> dict:
 
     t = to_plain(model_cfg.train)
     params = {k: t[k] for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size", "seed", "augment")}
-    return {"kind": "checkpoint", "revision": REVISIONS["checkpoint"], "base_model": base_identity, "train": params, "data": data_identity}
+    return stage_content("checkpoint", base_model=base_identity, train=params, data=data_identity)
 
 
 def ensure_trained(model_cfg, run_cfg) -> tuple[Path, dict]:
