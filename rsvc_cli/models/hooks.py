@@ -321,14 +321,15 @@ class LayerRecorder:
         self._calls: Counter[str] = Counter()
         self._stop_early = False
         modules = dict(module.named_modules())
-        self._handles = [modules[name].register_forward_hook(self._make_hook(name)) for name in self.layer_names]
+        self._handles = [modules[name].register_forward_hook(self._make_hook(name, modules[name]))
+                         for name in self.layer_names]
 
-    def _make_hook(self, name: str):
+    def _make_hook(self, name: str, layer: nn.Module):
         patch_tokens_only = name == PATCH_EMBED_PREFIX or name.startswith(PATCH_EMBED_PREFIX + ".")
         num_prefix_tokens = 0 if patch_tokens_only else self.num_prefix_tokens
         has_cls_token = self.has_cls_token and not patch_tokens_only
 
-        channels_last = is_channels_last(self.module, dict(self.module.named_modules())[name])
+        channels_last = is_channels_last(self.module, layer)
 
         def hook(_module, _inputs, output):
             self._calls[name] += 1

@@ -284,7 +284,8 @@ def test_recorder_swin_stages_are_channels_last_and_its_convolution_is_not():
     assert raw["layers.1"].shape == (N_IMAGES, 8, 8, 48) and raw["patch_embed.proj"].shape == (N_IMAGES, 24, 16, 16)
     with LayerRecorder(swin, layers) as recorder:
         _, activations = recorder(images)
-    torch.testing.assert_close(activations["patch_embed.proj"], raw["patch_embed.proj"].mean(dim=(2, 3)), **MEAN_TOLERANCE)
+    convolution = raw["patch_embed.proj"].mean(dim=(2, 3))
+    torch.testing.assert_close(activations["patch_embed.proj"], convolution, **MEAN_TOLERANCE)
     for name in ("layers.0", "layers.1", "norm"):
         torch.testing.assert_close(activations[name], raw[name].mean(dim=(1, 2)), **MEAN_TOLERANCE)
 
