@@ -98,7 +98,8 @@ def _times_basis(activations, basis):
     """b = A W^T in float64. Float32 activations are converted a chunk of rows at a time into one
     reused buffer: bounded memory, and no page faults from a fresh float64 copy of A per chunk.
     Computed as W A^T (k x rows per chunk): with k in the tens that orientation ran 25% faster than
-    A W^T here (MKL, 2 cores), and it is most of NNLS's time."""
+    A W^T here (MKL, 2 cores), and it is most of NNLS's time. One batch entry (class) at a time, so a
+    chunk keeps its 1024 rows: chunks shared by 100 classes held 10 rows each and ran 7x slower."""
     n_batch, n_samples, n_features = activations.shape
     if activations.dtype == torch.float64:
         return activations @ basis.mT
