@@ -5,18 +5,20 @@ Shapes: X (..., n_samples, n_features), Y (..., n_samples, n_targets); learned `
 (..., n_targets, n_features) and ``intercept_`` (..., n_targets), as in scikit-learn. Every batch
 entry and every target is an independent problem, and all of them are solved together.
 
-All three regressors work on sufficient statistics in float64: the centered Gram matrix
-Q = Xc^T Xc / n, the cross products C = Xc^T Yc / n and the target variances ||Yc||^2 / n. So
-cross-validation computes each fold's statistics from per-fold sums (each row is touched once, not
-once per fold) and hands every fold of every batch entry to one batched solve.
+All three regressors work on sufficient statistics: the centered Gram matrix Q = Xc^T Xc / n, the
+cross products C = Xc^T Yc / n and the target variances ||Yc||^2 / n. So cross-validation computes
+each fold's statistics from per-fold sums (each row is touched once, not once per fold) and hands
+every fold of every batch entry to one batched solve. The products behind the sums run in float32
+for float32 activations (in float64 for float64 inputs); everything from the sums on is float64.
 
-Lasso minimizes scikit-learn's objective 1/(2n) ||y - X w - b||^2 + alpha ||w||_1 per target:
-coordinate descent on Q restricted to a working set (the support plus the worst KKT violators,
-grown until no feature outside violates, as in Celer, Massias et al. 2018), the coordinate update
-vectorized over all (batch entry, target) problems, and an exact finishing step: once the support
-and signs are right, w_S = Q_SS^-1 (C_S - alpha sign(w_S)) solves the problem exactly, so the result
-reaches scikit-learn's optimum to machine precision instead of to a tolerance. Stops on
-scikit-learn's duality gap, ``gap <= tol * ||y - mean(y)||^2 / n``.
+Lasso minimizes scikit-learn's objective 1/(2n) ||y - X w - b||^2 + alpha ||w||_1 per target on Q
+restricted to a working set (the support plus the worst KKT violators, grown until no feature
+outside violates, as in Celer, Massias et al. 2018). On the working set, a few coordinate-descent
+sweeps (each update vectorized over all (batch entry, target) problems) find a nearby support, and
+primal-dual active-set Newton steps finish: once the support and signs are right,
+w_S = Q_SS^-1 (C_S - alpha sign(w_S)) solves the problem exactly, so the result reaches
+scikit-learn's optimum to machine precision instead of to a tolerance. Stops on scikit-learn's
+duality gap, ``gap <= tol * ||y - mean(y)||^2 / n``.
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ __all__ = [
     "make_regressor",
 ]
 
-# Working sets start at this many features and at least double with the support (Celer's p0).
-_INITIAL_WORKING_SET = 10
-# Coordinate-descent sweeps between attempts of the exact finishing step.
-_SWEEPS_PER_FINISH = 3
+# Working sets start at this many features and at least double with the support (Celer's p0; its
+# default of 10 cost two extra rounds on 512 features with supports of about 35).
+_INITIAL_WORKING_SET = 64
+# Coordinate-descent sweeps before each round of active-set Newton steps, and the steps per round.
+_SWEEPS_PER_NEWTON = 4
+_NEWTON_STEPS = 8
 # Elements of the gathered working-set Gram matrices per chunk of problems (float64: 256 MB).
 _WORKING_SET_CHUNK_ELEMENTS = 2**25
-# Elements of float64 activations converted at once when summing per fold (512 MB).
+# Elements of activations laid out by fold at once when summing (at most 512 MB, in float64).
 _STATISTICS_CHUNK_ELEMENTS = 2**26
 # A standard deviation this small relative to the mean marks a constant column (scale 1).
 _CONSTANT_RELATIVE_STD = 1e-12
@@ -161,8 +165,9 @@ def solve_lasso_gram(gram, cross, target_variance, alpha, max_iter, tol):
     coef = torch.zeros_like(cross)
     n_iter = torch.zeros(n_batch, n_targets, dtype=torch.long, device=cross.device)
     threshold = tol * target_variance
-    for _ in range(max(1, max_iter)):
-        gradient = cross - gram @ coef  # C - Q w: the negative gradient of the smooth part
+    for round_index in range(max(1, max_iter)):
+        # C - Q w, the negative gradient of the smooth part (C itself at the start, w = 0).
+        gradient = cross if round_index == 0 else cross - gram @ coef
         gap = _duality_gap(coef, gradient, cross, target_variance, alpha)
         unsolved = (gap > threshold) & (n_iter < max_iter)
         if not bool(unsolved.any()):
@@ -210,9 +215,10 @@ def _solve_lasso_subproblem(gram, cross, weights, alpha, sweep_budget):
     """Lasso restricted to a working set, for P problems at once: gram (P, m, m), cross (P, m).
 
     Coordinate descent (the loop over the m coordinates is inherent to the method; each update is
-    vectorized over the problems) alternates with an exact solve on the current support and signs,
-    tried on the problems whose support and signs survived the last sweep unchanged and accepted
-    when it keeps the signs and satisfies the KKT conditions.
+    vectorized over the problems) alternates with a few active-set Newton steps started from the
+    support and signs the sweeps reached (``_active_set_newton``). A problem is done when a Newton
+    step lands on a point that satisfies the KKT conditions; the others keep their sweep iterate,
+    so the coordinate descent, which always converges, is never set back by a Newton step.
     """
     n_problems, size = cross.shape
     weights = weights.clone()
@@ -221,16 +227,14 @@ def _solve_lasso_subproblem(gram, cross, weights, alpha, sweep_budget):
     inverse_diagonal = torch.where(diagonal > 0, 1 / diagonal, 0.0)
     open_rows = torch.arange(n_problems, device=cross.device)
     budget = sweep_budget.clone()
+    n_sweeps = int(min(_SWEEPS_PER_NEWTON, int(budget.max())))
     while open_rows.numel() > 0:
         everything = open_rows.numel() == n_problems
         g = gram if everything else gram[open_rows]
         c, w = cross[open_rows], weights[open_rows]
         d, inv_d = diagonal[open_rows], inverse_diagonal[open_rows]
-        n_sweeps = int(min(_SWEEPS_PER_FINISH, int(budget[open_rows].max())))
         residual = c - (g @ w.unsqueeze(-1)).squeeze(-1)  # C - Q w
-        for sweep in range(n_sweeps):
-            if sweep == n_sweeps - 1:
-                signs_before = torch.sign(w)
+        for _ in range(n_sweeps):
             for j in range(size):
                 old = w[:, j].clone()
                 new = torch.nn.functional.softshrink(torch.addcmul(residual[:, j], d[:, j], old), alpha)
@@ -239,34 +243,60 @@ def _solve_lasso_subproblem(gram, cross, weights, alpha, sweep_budget):
                 w[:, j] = new
         sweeps[open_rows] += n_sweeps
         budget[open_rows] -= n_sweeps
-        solved = torch.zeros(len(open_rows), dtype=torch.bool, device=cross.device)
-        settled = (torch.sign(w) == signs_before).all(-1).nonzero().squeeze(-1)
-        if settled.numel() > 0:
-            exact, solved_settled = _lasso_on_support(g[settled], c[settled], w[settled], alpha)
-            w[settled] = torch.where(solved_settled[:, None], exact, w[settled])
-            solved[settled] = solved_settled
-        weights[open_rows] = w
-        # Problems not solved exactly go on sweeping (their support or signs are still moving).
+        exact, solved = _active_set_newton(g, c, w, alpha, _NEWTON_STEPS)
+        weights[open_rows] = torch.where(solved[:, None], exact, w)
         open_rows = open_rows[~solved & (budget[open_rows] > 0)]
+        n_sweeps = int(min(_SWEEPS_PER_NEWTON, int(budget[open_rows].max()))) if open_rows.numel() else 0
     return weights, sweeps
 
 
-def _lasso_on_support(gram, cross, weights, alpha):
-    """The lasso solution if the support and signs of ``weights`` are the optimal ones, and whether
-    they are (signs kept on the support, |C_j - Q_j w| <= alpha off it)."""
-    support = weights != 0
-    signs = torch.sign(weights)
-    both = support[:, :, None] & support[:, None, :]
-    system = torch.where(both, gram, 0.0) + torch.diag_embed((~support).to(gram.dtype))
-    rhs = torch.where(support, cross - alpha * signs, 0.0)
-    factor, info = torch.linalg.cholesky_ex(system)
-    solution = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
-    solution = torch.where(support, solution, 0.0)
-    residual = cross - (gram @ solution.unsqueeze(-1)).squeeze(-1)
+def _active_set_newton(gram, cross, weights, alpha, n_steps):
+    """Primal-dual active-set steps for P lasso problems: gram (P, m, m), cross (P, m).
+
+    Each step solves the KKT system on the current active set A with signs s exactly,
+    w_A = Q_AA^-1 (C_A - alpha s_A), then keeps the features of A whose sign held and admits those
+    outside with |C_j - Q_j w| > alpha (signed by their gradient). A step whose solution keeps its
+    signs and admits nobody is the lasso optimum. Started from a nearby support this takes a few
+    steps, each one batched Cholesky solve; it may cycle from a poor start, hence the cap and the
+    coordinate-descent fallback in the caller. Returns (solution (P, m), solved (P,)).
+    """
+    n_problems = cross.shape[0]
+    solution = torch.zeros_like(cross)
+    solved = torch.zeros(n_problems, dtype=torch.bool, device=cross.device)
     slack = 1e-9 * alpha + 1e-12 * cross.abs().amax(-1, keepdim=True)
-    signs_kept = (~support | (solution * signs > 0)).all(-1)
-    optimal_off_support = (support | (residual.abs() <= alpha + slack)).all(-1)
-    solved = (info == 0) & signs_kept & optimal_off_support & torch.isfinite(solution).all(-1)
+    gradient = cross - (gram @ weights.unsqueeze(-1)).squeeze(-1)
+    violating = (weights == 0) & (gradient.abs() > alpha + slack)
+    active = (weights != 0) | violating
+    signs = torch.where(violating, torch.sign(gradient), torch.sign(weights))
+    rows = torch.arange(n_problems, device=cross.device)
+    size = cross.shape[-1]
+    for _ in range(n_steps):
+        g, c, a, s = gram[rows], cross[rows], active[rows], signs[rows]
+        # The systems are only as large as the largest active set: its features first (sorted, so
+        # the gather walks Q in memory order), padded with inactive ones that get identity rows.
+        n_active = max(1, int(a.sum(-1).max()))
+        index = (a.to(g.dtype) * 2 * size - torch.arange(size, device=g.device)).topk(n_active, -1).indices
+        index = index.sort(-1).values
+        in_set = a.gather(1, index)
+        flat = (torch.arange(len(rows), device=g.device) * size * size)[:, None, None]
+        system = torch.take(g, flat + index[:, :, None] * size + index[:, None, :])
+        system = torch.where(in_set[:, :, None] & in_set[:, None, :], system, 0.0)
+        system.diagonal(dim1=-2, dim2=-1).add_((~in_set).to(g.dtype))
+        factor, info = torch.linalg.cholesky_ex(system)
+        rhs = torch.where(in_set, (c - alpha * s).gather(1, index), 0.0)
+        w_set = torch.where(in_set, torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1), 0.0)
+        w = torch.zeros_like(c).scatter_(1, index, w_set)
+        gradient = c - (g @ w.unsqueeze(-1)).squeeze(-1)
+        keep = a & (w * s > 0)
+        enter = ~a & (gradient.abs() > alpha + slack[rows])
+        done = (keep == a).all(-1) & ~enter.any(-1) & (info == 0) & torch.isfinite(w).all(-1)
+        solution[rows[done]] = w[done]
+        solved[rows[done]] = True
+        active[rows] = keep | enter
+        signs[rows] = torch.where(keep, s, torch.sign(gradient))
+        rows = rows[~done & (info == 0)]
+        if rows.numel() == 0:
+            break
     return solution, solved
 
 
@@ -456,9 +486,23 @@ def cross_validate(X, Y, fold_of_row, regressor, standardize: bool = True) -> Cr
     x_cov = _subtract_outer(train_only(sums.xx).div_(denominator[..., None, None]), x_mean_shifted, x_mean_shifted)
     xy_cov = _subtract_outer(train_only(sums.xy).div_(denominator[..., None, None]), x_mean_shifted, y_mean_shifted)
     y_var = (train_only(sums.yy).div_(denominator[..., None]) - y_mean_shifted.pow(2)).clamp_min(0)
-    x_var = x_cov.diagonal(dim1=-2, dim2=-1).clamp_min(0)
     x_train_mean = x_mean_shifted + sums.x_shift.unsqueeze(1)
     y_train_mean = y_mean_shifted + sums.y_shift.unsqueeze(1)
+    # A column holding one value on a fold's training rows (a channel silent on every training
+    # image) has variance exactly 0 there, as StandardScaler computes it; moments from sums leave
+    # rounding noise instead, which standardization would blow up. Such columns are found exactly,
+    # from the per-fold extremes, and given their exact statistics.
+    x_constant, x_value = _training_constants(sums.x_min, sums.x_max)
+    if bool(x_constant.any()):
+        x_cov.masked_fill_(x_constant.unsqueeze(-1) | x_constant.unsqueeze(-2), 0.0)
+        xy_cov.masked_fill_(x_constant.unsqueeze(-1), 0.0)
+        x_train_mean = torch.where(x_constant, x_value, x_train_mean)
+    y_constant, y_value = _training_constants(sums.y_min, sums.y_max)
+    if bool(y_constant.any()):
+        xy_cov.masked_fill_(y_constant.unsqueeze(-2), 0.0)
+        y_var = y_var.masked_fill(y_constant, 0.0)
+        y_train_mean = torch.where(y_constant, y_value, y_train_mean)
+    x_var = x_cov.diagonal(dim1=-2, dim2=-1).clamp_min(0)
 
     if standardize:
         x_mean, x_scale = x_train_mean, _scale(x_var, x_train_mean)
@@ -492,17 +536,20 @@ def cross_validate(X, Y, fold_of_row, regressor, standardize: bool = True) -> Cr
 
 def _held_out_prediction(X, fold_of_row, weights, offsets):
     """Each row predicted by its own fold's model: all folds' predictions for a few batch entries at
-    a time, then the held-out one picked per row."""
+    a time, then the held-out one picked per row.
+
+    The products run in X's precision (float64 stays float64): predictions of float32 activations
+    are stored in float32, and a float64 copy of X would cost more than the products themselves.
+    """
     n_batch, n_samples, n_features = X.shape
     n_folds, n_targets = offsets.shape[-2:]
-    stacked = weights.permute(0, 2, 1, 3).reshape(n_batch, n_features, n_folds * n_targets)
+    product_dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    stacked = weights.permute(0, 2, 1, 3).reshape(n_batch, n_features, n_folds * n_targets).to(product_dtype)
     per_chunk = max(1, min(n_batch, _STATISTICS_CHUNK_ELEMENTS // max(1, n_samples * n_features)))
-    buffer = None if X.dtype == torch.float64 else torch.empty(per_chunk, n_samples, n_features, **_float64(X))
     parts = []
     for i in range(0, n_batch, per_chunk):
         chunk = slice(i, i + per_chunk)
-        rows = X[chunk] if buffer is None else buffer[: X[chunk].shape[0]].copy_(X[chunk])
-        every_fold = rows @ stacked[chunk]
+        every_fold = (X[chunk].to(product_dtype) @ stacked[chunk]).to(torch.float64)
         every_fold = every_fold.reshape(-1, n_samples, n_folds, n_targets) + offsets[chunk].unsqueeze(1)
         index = fold_of_row[chunk][:, :, None, None].expand(-1, -1, 1, n_targets)
         parts.append(every_fold.gather(2, index).squeeze(2))
@@ -519,16 +566,26 @@ class _FoldSums:
     xx: torch.Tensor  # (B, F, p, p)
     xy: torch.Tensor  # (B, F, p, t)
     yy: torch.Tensor  # (B, F, t)
+    x_min: torch.Tensor  # (B, F, p) per-fold extremes of the raw values (+inf/-inf for an empty fold)
+    x_max: torch.Tensor
+    y_min: torch.Tensor  # (B, F, t)
+    y_max: torch.Tensor
 
 
 def _per_fold_sums(X, Y, fold_of_row, n_folds):
-    """Sums over each fold's rows in float64, every row used once.
+    """Sums over each fold's rows, every row used once, returned in float64.
 
     Rows are gathered by fold into a (B, F, longest fold, .) layout (padding rows zeroed), so one
     batched product per statistic covers every fold of every batch entry. Each batch entry is
-    shifted by its own mean first so that the second moments do not cancel catastrophically when
-    they become covariances. A few batch entries at a time go through reused buffers: bounded
-    memory, float32 inputs stay float32 until here, and no fresh multi-GB allocations.
+    shifted by its own mean first (by the exact value for a constant column) so that the second
+    moments do not cancel catastrophically when they become covariances. A few batch entries at a
+    time go through reused buffers: bounded memory and no fresh multi-GB allocations.
+
+    Precision: the products X^T X and X^T Y, nearly all of the work, run in float32 when X is not
+    float64 (float32 activations), in float64 otherwise; every sum over folds and everything
+    downstream is float64. Float32 products put a relative error of about 1e-6 on the covariances,
+    which moves the lasso objective by far less than its 1e-6 tolerance (the error enters it
+    squared at the optimum) and halves the cost of the whole cross-validation on CPUs.
     """
     n_batch, n_samples, n_features = X.shape
     n_targets = Y.shape[-1]
@@ -537,11 +594,15 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
     longest = int(count.max())
     order = torch.argsort(fold_of_row, dim=-1, stable=True)  # rows sorted by fold
     slot = torch.arange(longest, device=device)
-    position = (torch.cumsum(count, dim=-1) - count).unsqueeze(-1) + slot  # (B, F, longest) in `order`
-    valid = slot < count.unsqueeze(-1)
+    valid = slot < count.unsqueeze(-1)  # (B, F, longest)
+    # A padding slot repeats its fold's first row, so per-fold extremes are unaffected; it is
+    # zeroed before summing.
+    position = (torch.cumsum(count, dim=-1) - count).unsqueeze(-1) + torch.where(valid, slot, 0)
     source = order.gather(1, position.clamp_max(n_samples - 1).reshape(n_batch, -1))  # (B, F * longest)
     padding_mask = None if bool(valid.all()) else valid.reshape(n_batch, -1, 1)
+    empty_fold = (count == 0).unsqueeze(-1)
 
+    product_dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     float64 = dict(dtype=torch.float64, device=device)
     sums = _FoldSums(
         count=count,
@@ -552,49 +613,77 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
         xx=torch.empty(n_batch, n_folds, n_features, n_features, **float64),
         xy=torch.empty(n_batch, n_folds, n_features, n_targets, **float64),
         yy=torch.empty(n_batch, n_folds, n_targets, **float64),
+        x_min=torch.empty(n_batch, n_folds, n_features, **float64),
+        x_max=torch.empty(n_batch, n_folds, n_features, **float64),
+        y_min=torch.empty(n_batch, n_folds, n_targets, **float64),
+        y_max=torch.empty(n_batch, n_folds, n_targets, **float64),
     )
     per_chunk = max(1, min(n_batch, _STATISTICS_CHUNK_ELEMENTS // max(1, n_samples * (n_features + n_targets))))
-    x_layout = _LayoutBuffers(per_chunk, n_folds * longest, n_features, X.dtype, device)
-    y_layout = _LayoutBuffers(per_chunk, n_folds * longest, n_targets, Y.dtype, device)
+    x_layout = _LayoutBuffers(per_chunk, n_folds, longest, n_features, X.dtype, product_dtype, device)
+    y_layout = _LayoutBuffers(per_chunk, n_folds, longest, n_targets, Y.dtype, torch.float64, device)
+    products = None
+    if product_dtype != torch.float64:
+        products = torch.empty(per_chunk, n_folds, n_features, n_features, dtype=product_dtype, device=device)
     for begin in range(0, n_batch, per_chunk):
         chunk = slice(begin, begin + per_chunk)
         mask = None if padding_mask is None else padding_mask[chunk]
-        x = x_layout.fill(X[chunk], source[chunk], mask, out_shift=sums.x_shift[chunk])
-        y = y_layout.fill(Y[chunk], source[chunk], mask, out_shift=sums.y_shift[chunk])
-        x = x.reshape(x.shape[0], n_folds, longest, n_features)
-        y = y.reshape(y.shape[0], n_folds, longest, n_targets)
-        torch.sum(x, dim=-2, out=sums.x_sum[chunk])
+        x = x_layout.fill(X[chunk], source[chunk], mask, empty_fold[chunk],
+                          sums.x_shift[chunk], sums.x_min[chunk], sums.x_max[chunk])
+        y = y_layout.fill(Y[chunk], source[chunk], mask, empty_fold[chunk],
+                          sums.y_shift[chunk], sums.y_min[chunk], sums.y_max[chunk])
+        torch.sum(x, dim=-2, dtype=torch.float64, out=sums.x_sum[chunk])
         torch.sum(y, dim=-2, out=sums.y_sum[chunk])
-        torch.matmul(x.mT, x, out=sums.xx[chunk])
-        torch.matmul(x.mT, y, out=sums.xy[chunk])
         torch.sum(y * y, dim=-2, out=sums.yy[chunk])
+        # Y^T X rather than X^T Y: the few targets make it the faster product (about 3x on CPUs).
+        sums.xy[chunk].mT.copy_(torch.matmul(y.to(product_dtype).mT, x))
+        if products is None:
+            torch.matmul(x.mT, x, out=sums.xx[chunk])
+        else:
+            torch.matmul(x.mT, x, out=products[: x.shape[0]])
+            sums.xx[chunk].copy_(products[: x.shape[0]])
     return sums
 
 
 class _LayoutBuffers:
-    """Reused buffers that take a chunk of rows to the fold layout, in float64, mean-shifted."""
+    """Reused buffers that take a chunk of rows to the (B, F, longest fold, columns) layout, shifted."""
 
-    def __init__(self, n_batch, n_slots, n_columns, dtype, device):
-        shape = (n_batch, n_slots, n_columns)
-        self.gathered = None if dtype == torch.float64 else torch.empty(shape, dtype=dtype, device=device)
-        self.layout = torch.empty(n_batch, n_slots, n_columns, dtype=torch.float64, device=device)
+    def __init__(self, n_batch, n_folds, longest, n_columns, dtype, layout_dtype, device):
+        shape = (n_batch, n_folds * longest, n_columns)
+        self.n_folds, self.longest = n_folds, longest
+        self.gathered = None if dtype == layout_dtype else torch.empty(shape, dtype=dtype, device=device)
+        self.layout = torch.empty(shape, dtype=layout_dtype, device=device)
 
-    def fill(self, values, source, padding_mask, out_shift):
+    def fill(self, values, source, padding_mask, empty_fold, out_shift, out_min, out_max):
         n = values.shape[0]
         layout = self.layout[:n]
-        index = source.unsqueeze(-1).expand(-1, -1, values.shape[-1])
-        if self.gathered is None:
-            torch.gather(values, 1, index, out=layout)
-        else:
-            gathered = self.gathered[:n]
-            torch.gather(values, 1, index, out=gathered)
+        gathered = layout if self.gathered is None else self.gathered[:n]
+        # Whole rows per batch entry: several times faster than one gather over every element.
+        for entry in range(n):
+            torch.index_select(values[entry], 0, source[entry], out=gathered[entry])
+        by_fold = gathered.view(n, self.n_folds, self.longest, -1)
+        fold_min, fold_max = by_fold.amin(-2), by_fold.amax(-2)
+        out_min.copy_(fold_min.masked_fill(empty_fold, torch.inf))
+        out_max.copy_(fold_max.masked_fill(empty_fold, -torch.inf))
+        # Any shift near the mean serves, if the layout's dtype holds it exactly; a constant column
+        # is shifted by its own value, so that its shifted values are exactly zero.
+        lowest, highest = out_min.amin(1), out_max.amax(1)
+        out_shift.copy_(torch.where(lowest == highest, lowest, values.mean(-2, dtype=self.layout.dtype).to(lowest.dtype)))
+        if gathered is not layout:
             layout.copy_(gathered)
-        # Any shift near the mean serves; the native-dtype mean avoids a float64 pass over the data.
-        out_shift.copy_(values.mean(-2))
-        layout.sub_(out_shift.unsqueeze(1))
+        layout.sub_(out_shift.unsqueeze(1).to(layout.dtype))
         if padding_mask is not None:
             layout.mul_(padding_mask)
-        return layout
+        return layout.view(n, self.n_folds, self.longest, -1)
+
+
+def _training_constants(fold_min, fold_max):
+    """Which columns hold a single value on each fold's training rows (every fold but that one),
+    and the value: (constant (B, F, c), value (B, F, c)) from per-fold extremes (B, F, c)."""
+    n_folds = fold_min.shape[1]
+    others = ~torch.eye(n_folds, dtype=torch.bool, device=fold_min.device)[None, :, :, None]
+    lowest = torch.where(others, fold_min.unsqueeze(1), torch.inf).amin(2)
+    highest = torch.where(others, fold_max.unsqueeze(1), -torch.inf).amax(2)
+    return lowest == highest, lowest
 
 
 def _subtract_outer(matrix, left, right):

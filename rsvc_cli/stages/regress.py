@@ -172,8 +172,10 @@ def regress(pair: Pair, cfg) -> Path:
                 Y = np.stack([per_class[n]["true"][owner, "regression"] for n in names])
                 folds = np.stack([per_class[n]["folds"] for n in names])
                 X_eval = np.stack([acts[predictor].values[per_class[n]["rows_eval"]] for n in names])
-                to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.float64)  # noqa: E731
-                cv = cross_validate(to(X), to(Y), torch.from_numpy(folds).to(device), regressor)
+                to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+                # Activations go in their storage precision (cross_validate multiplies them in
+                # float32 and sums in float64); coefficients in float64.
+                cv = cross_validate(to(X), to(Y).double(), torch.from_numpy(folds).to(device), regressor)
                 held_out = cv.held_out_prediction.cpu().numpy()
                 evaluation = cv.predict(to(X_eval)).cpu().numpy() if X_eval.shape[1] else np.zeros((len(names), 0, Y.shape[-1]))
                 for i, name in enumerate(names):

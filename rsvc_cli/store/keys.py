@@ -24,7 +24,7 @@ KINDS = ("activations", "concepts", "regression", "scores", "importance", "check
 REVISIONS = {
     "activations": 2,  # 2: layers of channels-last (NHWC) models averaged over their own spatial axes
     "concepts": 1,
-    "regression": 1,
+    "regression": 2,  # 2: float32 products for float32 activations; exact constants per training fold
     "scores": 1,
     "importance": 1,
     "checkpoint": 1,

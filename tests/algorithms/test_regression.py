@@ -24,6 +24,9 @@ from rsvc_cli.errors import RsvcError
 OBJECTIVE_RTOL = 1e-6
 # Closed-form regressors and cross-validated predictions against scikit-learn.
 COEF_ATOL = 1e-8
+# Cross-validated predictions from float32 inputs, whose second moments are float32 products,
+# relative to each target's spread.
+FLOAT32_PREDICTION_RTOL = 1e-5
 
 
 def lasso_objective(X, y, coef, intercept, alpha):
@@ -133,34 +136,105 @@ def test_grouped_kfold_balances_unequal_groups_and_refuses_too_few():
 
 
 def manual_cross_validation(X, Y, fold_of_row, alpha):
-    """The protocol with scikit-learn: per fold, scalers fitted on the training rows only."""
+    """The protocol with scikit-learn: per fold, scalers fitted on the training rows only.
+    Returns the held-out predictions, each fold's x means and scales, and each fold's model and
+    standardized training data (for objectives)."""
     predictions = np.zeros_like(Y)
-    x_means = []
+    x_means, x_scales, fits = [], [], []
     for fold in range(int(fold_of_row.max()) + 1):
         train = fold_of_row != fold
         x_scaler, y_scaler = StandardScaler().fit(X[train]), StandardScaler().fit(Y[train])
         x_means.append(x_scaler.mean_)
+        x_scales.append(x_scaler.scale_)
         model = SklearnLasso(alpha=alpha, tol=1e-12, max_iter=1_000_000)
         model.fit(x_scaler.transform(X[train]), y_scaler.transform(Y[train]))
         standardized = model.predict(x_scaler.transform(X[~train])).reshape(-1, Y.shape[1])
         predictions[~train] = y_scaler.inverse_transform(standardized)
-    return predictions, np.array(x_means)
+        fits.append((model, x_scaler.transform(X[train]), y_scaler.transform(Y[train])))
+    return predictions, np.array(x_means), np.array(x_scales), fits
 
 
-def test_cross_validate_matches_the_sklearn_protocol_per_batch_entry():
+def protocol_problem():
     problems = [correlated_problem(seed, n=168, p=20, standardized=False) for seed in (9, 10)]
     X = np.stack([x for x, _ in problems])
     Y = np.stack([y for _, y in problems])
     groups = np.repeat(np.arange(21), 8)  # 21 images in 4 folds: unequal fold sizes
     folds = torch.stack([grouped_kfold(torch.from_numpy(groups), 4, seed=s) for s in (0, 1)])  # (B, n)
     assert len(torch.unique(torch.bincount(folds[0]))) == 2
-    result = cross_validate(torch.from_numpy(X).float(), torch.from_numpy(Y), folds, Lasso(alpha=0.1))
-    X = X.astype(np.float32).astype(np.float64)  # what the float32 input holds
+    return X, Y, folds
+
+
+def test_cross_validate_matches_the_sklearn_protocol_per_batch_entry():
+    X, Y, folds = protocol_problem()
+    result = cross_validate(torch.from_numpy(X), torch.from_numpy(Y), folds, Lasso(alpha=0.1))
     assert result.coef_.shape == (2, 4, 3, 20) and result.held_out_prediction.shape == (2, 168, 3)
     for index in range(2):
-        expected, x_means = manual_cross_validation(X[index], Y[index], folds[index].numpy(), 0.1)
+        expected, x_means, x_scales, _ = manual_cross_validation(X[index], Y[index], folds[index].numpy(), 0.1)
         np.testing.assert_allclose(result.held_out_prediction[index].numpy(), expected, atol=COEF_ATOL)
         np.testing.assert_allclose(result.x_mean_[index].numpy(), x_means, atol=1e-10)
+        np.testing.assert_allclose(result.x_scale_[index].numpy(), x_scales, rtol=1e-10)
+
+
+def test_cross_validate_on_float32_inputs_reaches_the_same_optimum():
+    """Float32 activations get float32 products: the held-out predictions move by far less than
+    the stored float32 precision matters for, and every fold's lasso objective stays within the
+    tolerance of scikit-learn's on the same (float32-held) values."""
+    X, Y, folds = protocol_problem()
+    result = cross_validate(torch.from_numpy(X).float(), torch.from_numpy(Y), folds, Lasso(alpha=0.1))
+    X = X.astype(np.float32).astype(np.float64)  # what the float32 input holds
+    for index in range(2):
+        expected, x_means, _, fits = manual_cross_validation(X[index], Y[index], folds[index].numpy(), 0.1)
+        np.testing.assert_allclose(result.held_out_prediction[index].numpy(), expected,
+                                   atol=FLOAT32_PREDICTION_RTOL * Y[index].std(0).min())
+        np.testing.assert_allclose(result.x_mean_[index].numpy(), x_means, rtol=1e-7)
+        for fold, (model, x_train, y_train) in enumerate(fits):
+            for target in range(3):
+                ours = result.coef_[index, fold, target].numpy(), float(result.intercept_[index, fold, target])
+                mine = lasso_objective(x_train, y_train[:, target], *ours, 0.1)
+                theirs = lasso_objective(x_train, y_train[:, target], model.coef_[target], model.intercept_[target], 0.1)
+                assert mine <= theirs * (1 + OBJECTIVE_RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_columns_constant_on_a_fold_s_training_rows_get_scale_one(dtype):
+    """A ReLU channel silent on every training row of a fold but active on a held-out row: its
+    training variance is exactly 0, so StandardScaler gives it scale 1, and so must we (a
+    variance computed from sums would leave rounding noise and blow the column up)."""
+    X, Y, folds = protocol_problem()
+    X, Y, folds = X[:1], Y[:1], folds[:1]
+    held_out_of_fold_2 = np.flatnonzero(folds[0].numpy() == 2)
+    X[0, :, 7] = 0.0
+    X[0, held_out_of_fold_2[:3], 7] = [4.0, 0.5, 2.5]  # only fold 2's rows are non-zero
+    X[0, :, 8] = 3.25  # constant everywhere
+    Y[0, :, 2] = 0.0
+    Y[0, held_out_of_fold_2[0], 2] = 1.0  # a concept seen only in fold 2's rows
+    result = cross_validate(torch.from_numpy(X).to(dtype), torch.from_numpy(Y), folds, Lasso(alpha=0.1))
+    X = X.astype(np.float32).astype(np.float64) if dtype == torch.float32 else X
+    expected, x_means, x_scales, _ = manual_cross_validation(X[0], Y[0], folds[0].numpy(), 0.1)
+    assert x_scales[2, 7] == 1.0 and x_scales[:, 8].tolist() == [1.0] * 4  # what scikit-learn does
+    np.testing.assert_array_equal(result.x_scale_[0, :, 8].numpy(), 1.0)
+    assert float(result.x_scale_[0, 2, 7]) == 1.0 and float(result.y_scale_[0, 2, 2]) == 1.0
+    assert float(result.x_mean_[0, 2, 7]) == 0.0 and float(result.x_mean_[0, 0, 8]) == 3.25
+    assert torch.all(result.coef_[0, 2, :, 7] == 0) and torch.all(result.coef_[0, 2, 2] == 0)
+    np.testing.assert_allclose(result.held_out_prediction[0].numpy(), expected,
+                               atol=COEF_ATOL if dtype == torch.float64 else FLOAT32_PREDICTION_RTOL * Y[0].std(0).max())
+
+
+def test_lasso_falls_back_on_coordinate_descent_when_newton_steps_run_out(monkeypatch):
+    """With a single active-set Newton step per round most problems are not solved by Newton; the
+    coordinate descent must still reach scikit-learn's optimum."""
+    import rsvc_cli.algorithms.regression as regression
+
+    monkeypatch.setattr(regression, "_NEWTON_STEPS", 1)
+    monkeypatch.setattr(regression, "_SWEEPS_PER_NEWTON", 1)
+    X, Y = correlated_problem(14)
+    ours = Lasso(alpha=0.02).fit(torch.from_numpy(X), torch.from_numpy(Y))
+    assert int(ours.n_iter_.max()) > 3  # the sweeps, not the first Newton step, did the work
+    for target in range(Y.shape[1]):
+        reference = sklearn_lasso(X, Y[:, target], 0.02)
+        mine = lasso_objective(X, Y[:, target], ours.coef_[target].numpy(), float(ours.intercept_[target]), 0.02)
+        theirs = lasso_objective(X, Y[:, target], reference.coef_, reference.intercept_, 0.02)
+        assert mine <= theirs * (1 + OBJECTIVE_RTOL)
 
 
 def test_cross_validated_predict_averages_the_fold_models():
