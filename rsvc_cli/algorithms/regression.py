@@ -23,6 +23,7 @@ duality gap, ``gap <= tol * ||y - mean(y)||^2 / n``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ _INITIAL_WORKING_SET = 64
 # Coordinate-descent sweeps before each round of active-set Newton steps, and the steps per round.
 _SWEEPS_PER_NEWTON = 4
 _NEWTON_STEPS = 8
+# Elements of the float64 Gram matrices of the batch entries cross-validated together (128 MB).
+_GRAM_CHUNK_ELEMENTS = 2**24
 # Elements of the gathered working-set Gram matrices per chunk of problems (float64: 256 MB).
 _WORKING_SET_CHUNK_ELEMENTS = 2**25
 # Elements of activations laid out by fold at once when summing (at most 512 MB, in float64).
@@ -56,6 +59,9 @@ _CONSTANT_RELATIVE_STD = 1e-12
 
 class _Regressor:
     """fit(X, Y, sample_mask=None) -> self on batched data; predict(X) -> Y."""
+
+    # Per-problem attributes that _solve_gram sets (batch first), gathered across chunks.
+    _fit_diagnostics: tuple[str, ...] = ()
 
     def fit(self, X, Y, sample_mask=None):
         X, Y = _check_xy(X, Y)
@@ -109,6 +115,8 @@ class Lasso(_Regressor):
     ``max_iter`` bounds the coordinate-descent sweeps per problem; ``tol`` is scikit-learn's (duality
     gap relative to the target variance). Sets ``dual_gap_`` (..., t) and ``n_iter_`` (..., t).
     """
+
+    _fit_diagnostics = ("dual_gap_", "n_iter_")
 
     def __init__(self, alpha=0.1, max_iter=1000, tol=1e-8):
         self.alpha = alpha
@@ -466,6 +474,27 @@ def cross_validate(X, Y, fold_of_row, regressor, standardize: bool = True) -> Cr
         raise RsvcError(problem="fold_of_row must number folds 0..F-1 with F >= 2.",
                         fix="Build it with grouped_kfold(groups, n_folds, seed).")
 
+    # A chunk of batch entries at a time, end to end: bounded memory (the float64 Gram matrices of
+    # 1000 classes of 2048 features would take 168 GB at once), and every pass stays small enough to
+    # run near cache speed (100 classes of 512 features: about 1.2x faster than all at once).
+    n_features = X.shape[-1]
+    per_chunk = max(1, _GRAM_CHUNK_ELEMENTS // (n_folds * n_features * n_features))
+    parts, diagnostics = [], {name: [] for name in regressor._fit_diagnostics}
+    for begin in range(0, n_batch, per_chunk):
+        chunk = slice(begin, begin + per_chunk)
+        parts.append(_cross_validate_chunk(X[chunk], Y[chunk], fold_of_row[chunk], n_folds, regressor, standardize))
+        for name, values in diagnostics.items():
+            values.append(getattr(regressor, name))
+    for name, values in diagnostics.items():
+        setattr(regressor, name, torch.cat(values))
+    if len(parts) == 1:
+        return parts[0]
+    return CrossValidated(**{field.name: torch.cat([getattr(part, field.name) for part in parts])
+                             for field in dataclasses.fields(CrossValidated)})
+
+
+def _cross_validate_chunk(X, Y, fold_of_row, n_folds, regressor, standardize) -> CrossValidated:
+    n_samples = X.shape[1]
     sums = _per_fold_sums(X, Y, fold_of_row, n_folds)
     n_train = (n_samples - sums.count)  # (B, F)
     if bool((n_train < 2).any()):

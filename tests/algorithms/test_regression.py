@@ -175,6 +175,25 @@ def test_cross_validate_matches_the_sklearn_protocol_per_batch_entry():
         np.testing.assert_allclose(result.x_scale_[index].numpy(), x_scales, rtol=1e-10)
 
 
+def test_cross_validate_in_chunks_of_batch_entries_gives_the_same_result(monkeypatch):
+    """Batch entries go through in chunks (bounded memory); the result, and the lasso's per-problem
+    diagnostics, must be those of one pass over everything."""
+    import rsvc_cli.algorithms.regression as regression
+
+    X, Y, folds = protocol_problem()
+    X, Y = torch.from_numpy(X), torch.from_numpy(Y)
+    whole_lasso = Lasso(alpha=0.1)
+    whole = cross_validate(X, Y, folds, whole_lasso)
+    monkeypatch.setattr(regression, "_GRAM_CHUNK_ELEMENTS", 1)  # one batch entry per chunk
+    chunked_lasso = Lasso(alpha=0.1)
+    chunked = cross_validate(X, Y, folds, chunked_lasso)
+    for field in ("coef_", "intercept_", "x_mean_", "x_scale_", "y_mean_", "y_scale_", "held_out_prediction"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(whole, field), rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked.fold_of_row, whole.fold_of_row)
+    assert chunked_lasso.n_iter_.shape == whole_lasso.n_iter_.shape == (2, 4, 3)
+    torch.testing.assert_close(chunked_lasso.dual_gap_, whole_lasso.dual_gap_, rtol=0, atol=1e-12)
+
+
 def test_cross_validate_on_float32_inputs_reaches_the_same_optimum():
     """Float32 activations get float32 products: the held-out predictions move by far less than
     the stored float32 precision matters for, and every fold's lasso objective stays within the
