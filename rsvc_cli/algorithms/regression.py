@@ -508,30 +508,26 @@ def _cross_validate_chunk(X, Y, fold_of_row, n_folds, regressor, standardize) ->
         return per_fold.neg_().add_(total)
 
     # Rows were shifted by their batch entry's overall mean (sums.x_shift) before summing, so the
-    # second moments below do not cancel catastrophically. The (B, F, p, p) moments are large:
-    # they are turned into covariances in place.
+    # second moments below do not cancel catastrophically.
     x_mean_shifted = train_only(sums.x_sum).div_(denominator[..., None])
     y_mean_shifted = train_only(sums.y_sum).div_(denominator[..., None])
-    x_cov = _subtract_outer(train_only(sums.xx).div_(denominator[..., None, None]), x_mean_shifted, x_mean_shifted)
     xy_cov = _subtract_outer(train_only(sums.xy).div_(denominator[..., None, None]), x_mean_shifted, y_mean_shifted)
     y_var = (train_only(sums.yy).div_(denominator[..., None]) - y_mean_shifted.pow(2)).clamp_min(0)
+    xx_diagonal = sums.xx.diagonal(dim1=-2, dim2=-1).to(torch.float64, copy=True)  # train_only is in place
+    x_var = (train_only(xx_diagonal).div_(denominator[..., None]) - x_mean_shifted.pow(2)).clamp_min(0)
     x_train_mean = x_mean_shifted + sums.x_shift.unsqueeze(1)
     y_train_mean = y_mean_shifted + sums.y_shift.unsqueeze(1)
     # A column holding one value on a fold's training rows (a channel silent on every training
     # image) has variance exactly 0 there, as StandardScaler computes it; moments from sums leave
     # rounding noise instead, which standardization would blow up. Such columns are found exactly,
-    # from the per-fold extremes, and given their exact statistics.
+    # from the per-fold extremes, and given their exact statistics (their rows of the Gram matrix
+    # and cross products are zeroed below).
     x_constant, x_value = _training_constants(sums.x_min, sums.x_max)
-    if bool(x_constant.any()):
-        x_cov.masked_fill_(x_constant.unsqueeze(-1) | x_constant.unsqueeze(-2), 0.0)
-        xy_cov.masked_fill_(x_constant.unsqueeze(-1), 0.0)
-        x_train_mean = torch.where(x_constant, x_value, x_train_mean)
+    x_var.masked_fill_(x_constant, 0.0)
+    x_train_mean = torch.where(x_constant, x_value, x_train_mean)
     y_constant, y_value = _training_constants(sums.y_min, sums.y_max)
-    if bool(y_constant.any()):
-        xy_cov.masked_fill_(y_constant.unsqueeze(-2), 0.0)
-        y_var = y_var.masked_fill(y_constant, 0.0)
-        y_train_mean = torch.where(y_constant, y_value, y_train_mean)
-    x_var = x_cov.diagonal(dim1=-2, dim2=-1).clamp_min(0)
+    y_var.masked_fill_(y_constant, 0.0)
+    y_train_mean = torch.where(y_constant, y_value, y_train_mean)
 
     if standardize:
         x_mean, x_scale = x_train_mean, _scale(x_var, x_train_mean)
@@ -539,9 +535,12 @@ def _cross_validate_chunk(X, Y, fold_of_row, n_folds, regressor, standardize) ->
     else:
         x_mean, x_scale = torch.zeros_like(x_train_mean), torch.ones_like(x_train_mean)
         y_mean, y_scale = torch.zeros_like(y_train_mean), torch.ones_like(y_train_mean)
+    # Standardizing factors, 0 for the constant columns (their covariances are exactly 0).
+    x_factor = torch.where(x_constant, 0.0, 1 / x_scale)
+    y_factor = torch.where(y_constant, 0.0, 1 / y_scale)
 
-    gram = x_cov.mul_((1 / x_scale).unsqueeze(-1) * (1 / x_scale).unsqueeze(-2))
-    cross = xy_cov.mul_((1 / x_scale).unsqueeze(-1) * (1 / y_scale).unsqueeze(-2))
+    gram = _standardized_gram(sums.xx, denominator, x_mean_shifted, x_factor)
+    cross = xy_cov.mul_(x_factor.unsqueeze(-1) * y_factor.unsqueeze(-2))
     target_variance = y_var / y_scale.pow(2)
     coef = regressor._solve_gram(gram, cross, target_variance, n_train)  # (B, F, p, t)
     # The regressor's own intercept on the (standardized) training rows; 0 when standardized.
@@ -592,7 +591,7 @@ class _FoldSums:
     y_shift: torch.Tensor  # (B, t)
     x_sum: torch.Tensor  # (B, F, p)
     y_sum: torch.Tensor  # (B, F, t)
-    xx: torch.Tensor  # (B, F, p, p)
+    xx: torch.Tensor  # (B, F, p, p), in the products' dtype (float32 for float32 activations)
     xy: torch.Tensor  # (B, F, p, t)
     yy: torch.Tensor  # (B, F, t)
     x_min: torch.Tensor  # (B, F, p) per-fold extremes of the raw values (+inf/-inf for an empty fold)
@@ -611,8 +610,8 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
     time go through reused buffers: bounded memory and no fresh multi-GB allocations.
 
     Precision: the products X^T X and X^T Y, nearly all of the work, run in float32 when X is not
-    float64 (float32 activations), in float64 otherwise; every sum over folds and everything
-    downstream is float64. Float32 products put a relative error of about 1e-6 on the covariances,
+    float64 (float32 activations), in float64 otherwise; the covariances built from them are
+    float64. Float32 products put a relative error of about 1e-6 on the covariances,
     which moves the lasso objective by far less than its 1e-6 tolerance (the error enters it
     squared at the optimum) and halves the cost of the whole cross-validation on CPUs.
     """
@@ -639,7 +638,7 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
         y_shift=torch.empty(n_batch, n_targets, **float64),
         x_sum=torch.empty(n_batch, n_folds, n_features, **float64),
         y_sum=torch.empty(n_batch, n_folds, n_targets, **float64),
-        xx=torch.empty(n_batch, n_folds, n_features, n_features, **float64),
+        xx=torch.empty(n_batch, n_folds, n_features, n_features, dtype=product_dtype, device=device),
         xy=torch.empty(n_batch, n_folds, n_features, n_targets, **float64),
         yy=torch.empty(n_batch, n_folds, n_targets, **float64),
         x_min=torch.empty(n_batch, n_folds, n_features, **float64),
@@ -650,9 +649,6 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
     per_chunk = max(1, min(n_batch, _STATISTICS_CHUNK_ELEMENTS // max(1, n_samples * (n_features + n_targets))))
     x_layout = _LayoutBuffers(per_chunk, n_folds, longest, n_features, X.dtype, product_dtype, device)
     y_layout = _LayoutBuffers(per_chunk, n_folds, longest, n_targets, Y.dtype, torch.float64, device)
-    products = None
-    if product_dtype != torch.float64:
-        products = torch.empty(per_chunk, n_folds, n_features, n_features, dtype=product_dtype, device=device)
     for begin in range(0, n_batch, per_chunk):
         chunk = slice(begin, begin + per_chunk)
         mask = None if padding_mask is None else padding_mask[chunk]
@@ -660,16 +656,13 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
                           sums.x_shift[chunk], sums.x_min[chunk], sums.x_max[chunk])
         y = y_layout.fill(Y[chunk], source[chunk], mask, empty_fold[chunk],
                           sums.y_shift[chunk], sums.y_min[chunk], sums.y_max[chunk])
-        torch.sum(x, dim=-2, dtype=torch.float64, out=sums.x_sum[chunk])
+        # In the layout's dtype: a float64 sum would first copy the whole float32 layout to float64.
+        sums.x_sum[chunk].copy_(x.sum(dim=-2))
         torch.sum(y, dim=-2, out=sums.y_sum[chunk])
         torch.sum(y * y, dim=-2, out=sums.yy[chunk])
         # Y^T X rather than X^T Y: the few targets make it the faster product (about 3x on CPUs).
         sums.xy[chunk].mT.copy_(torch.matmul(y.to(product_dtype).mT, x))
-        if products is None:
-            torch.matmul(x.mT, x, out=sums.xx[chunk])
-        else:
-            torch.matmul(x.mT, x, out=products[: x.shape[0]])
-            sums.xx[chunk].copy_(products[: x.shape[0]])
+        torch.matmul(x.mT, x, out=sums.xx[chunk])
     return sums
 
 
@@ -703,6 +696,22 @@ class _LayoutBuffers:
         if padding_mask is not None:
             layout.mul_(padding_mask)
         return layout.view(n, self.n_folds, self.longest, -1)
+
+
+def _standardized_gram(per_fold_xx, n_train, shifted_mean, factor):
+    """Each fold's standardized training Gram matrix (B, F, p, p) in float64 from the per-fold sums
+    X_f^T X_f (B, F, p, p): ((total - own fold) / n - m m^T) scaled by factor_i factor_j.
+
+    The sums are the largest arrays of the cross-validation, so this makes three passes over them
+    (the subtraction, the outer product, the two-sided scaling) instead of one per operation; the
+    1/n is folded into the outer product and the scaling.
+    """
+    total = per_fold_xx.sum(1, keepdim=True)
+    gram = per_fold_xx if per_fold_xx.dtype == torch.float64 else torch.empty_like(per_fold_xx, dtype=torch.float64)
+    torch.sub(total, per_fold_xx, out=gram)  # the training rows' sums, float32 ones converted on the way
+    _subtract_outer(gram, shifted_mean * n_train.unsqueeze(-1), shifted_mean)
+    gram.mul_(factor.unsqueeze(-1))
+    return gram.mul_((factor / n_train.unsqueeze(-1)).unsqueeze(-2))
 
 
 def _training_constants(fold_min, fold_max):
