@@ -173,14 +173,21 @@ def solve_lasso_gram(gram, cross, target_variance, alpha, max_iter, tol):
     coef = torch.zeros_like(cross)
     n_iter = torch.zeros(n_batch, n_targets, dtype=torch.long, device=cross.device)
     threshold = tol * target_variance
-    for round_index in range(max(1, max_iter)):
-        # C - Q w, the negative gradient of the smooth part (C itself at the start, w = 0).
-        gradient = cross if round_index == 0 else cross - gram @ coef
+    # C - Q w, the negative gradient of the smooth part: C itself at the start (w = 0), then
+    # recomputed for the batch entries whose problems were just re-solved.
+    gradient = cross.clone()
+    changed = None
+    for _ in range(max(1, max_iter)):
+        if changed is not None and len(changed) == n_batch:
+            gradient = cross - gram @ coef
+        elif changed is not None:
+            gradient[changed] = cross[changed] - gram[changed] @ coef[changed]
         gap = _duality_gap(coef, gradient, cross, target_variance, alpha)
         unsolved = (gap > threshold) & (n_iter < max_iter)
         if not bool(unsolved.any()):
             break
         batch_index, target_index = unsolved.nonzero(as_tuple=True)
+        changed = torch.unique(batch_index)
         weights = coef[batch_index, :, target_index]
         descent = gradient[batch_index, :, target_index]
         in_support = weights != 0
