@@ -333,3 +333,13 @@ def test_regression_input_errors():
     with pytest.raises(RsvcError, match="lasso"):
         make_regressor("elasticnet")
     assert isinstance(make_regressor("lasso", alpha=0.2), Lasso)
+
+
+@pytest.mark.parametrize("n_features", [1, 2, 7, 64])
+def test_symmetric_gram_equals_the_full_product(n_features):
+    from rsvc_cli.algorithms.regression import _symmetric_gram
+
+    x = torch.randn(2, 3, 11, n_features, dtype=torch.float64)
+    out = torch.full((2, 3, n_features, n_features), torch.nan, dtype=torch.float64)
+    torch.testing.assert_close(_symmetric_gram(x, out=out), x.mT @ x, rtol=1e-14, atol=1e-14)
+    assert out.data_ptr() == _symmetric_gram(x, out=out).data_ptr()
