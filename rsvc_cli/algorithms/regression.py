@@ -285,23 +285,26 @@ def _active_set_newton(gram, cross, weights, alpha, n_steps):
     signs = torch.where(violating, torch.sign(gradient), torch.sign(weights))
     rows = torch.arange(n_problems, device=cross.device)
     size = cross.shape[-1]
+    coordinate = torch.arange(size, device=cross.device)
     for _ in range(n_steps):
-        g, c, a, s = gram[rows], cross[rows], active[rows], signs[rows]
+        c, a, s = cross[rows], active[rows], signs[rows]
         # The systems are only as large as the largest active set: its features first (sorted, so
-        # the gather walks Q in memory order), padded with inactive ones that get identity rows.
+        # the gathers walk Q in memory order), padded with inactive ones that get identity rows.
         n_active = max(1, int(a.sum(-1).max()))
-        index = (a.to(g.dtype) * 2 * size - torch.arange(size, device=g.device)).topk(n_active, -1).indices
-        index = index.sort(-1).values
+        index = (a.to(c.dtype) * 2 * size - coordinate).topk(n_active, -1).indices.sort(-1).values
         in_set = a.gather(1, index)
-        flat = (torch.arange(len(rows), device=g.device) * size * size)[:, None, None]
-        system = torch.take(g, flat + index[:, :, None] * size + index[:, None, :])
+        # Q's columns of the set (P, m, n_active), taken straight from the stacked matrices: the
+        # system is their rows of the set, and they give the gradient on every coordinate.
+        flat = (rows * size * size)[:, None, None] + coordinate[None, :, None] * size + index[:, None, :]
+        columns = torch.take(gram, flat)
+        system = columns.gather(1, index.unsqueeze(-1).expand(-1, -1, n_active))
         system = torch.where(in_set[:, :, None] & in_set[:, None, :], system, 0.0)
-        system.diagonal(dim1=-2, dim2=-1).add_((~in_set).to(g.dtype))
+        system.diagonal(dim1=-2, dim2=-1).add_((~in_set).to(c.dtype))
         factor, info = torch.linalg.cholesky_ex(system)
         rhs = torch.where(in_set, (c - alpha * s).gather(1, index), 0.0)
         w_set = torch.where(in_set, torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1), 0.0)
         w = torch.zeros_like(c).scatter_(1, index, w_set)
-        gradient = c - (g @ w.unsqueeze(-1)).squeeze(-1)
+        gradient = c - (columns @ w_set.unsqueeze(-1)).squeeze(-1)
         keep = a & (w * s > 0)
         enter = ~a & (gradient.abs() > alpha + slack[rows])
         done = (keep == a).all(-1) & ~enter.any(-1) & (info == 0) & torch.isfinite(w).all(-1)
