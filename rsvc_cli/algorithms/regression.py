@@ -242,12 +242,12 @@ def _solve_lasso_subproblem(gram, cross, weights, alpha, sweep_budget):
     inverse_diagonal = torch.where(diagonal > 0, 1 / diagonal, 0.0)
     open_rows = torch.arange(n_problems, device=cross.device)
     budget = sweep_budget.clone()
-    n_sweeps = int(min(_SWEEPS_PER_NEWTON, int(budget.max())))
     while open_rows.numel() > 0:
         everything = open_rows.numel() == n_problems
         g = gram if everything else gram[open_rows]
         c, w = cross[open_rows], weights[open_rows]
         d, inv_d = diagonal[open_rows], inverse_diagonal[open_rows]
+        n_sweeps = int(min(_SWEEPS_PER_NEWTON, int(budget[open_rows].max())))
         residual = c - (g @ w.unsqueeze(-1)).squeeze(-1)  # C - Q w
         for _ in range(n_sweeps):
             for j in range(size):
@@ -261,7 +261,6 @@ def _solve_lasso_subproblem(gram, cross, weights, alpha, sweep_budget):
         exact, solved = _active_set_newton(g, c, w, alpha, _NEWTON_STEPS)
         weights[open_rows] = torch.where(solved[:, None], exact, w)
         open_rows = open_rows[~solved & (budget[open_rows] > 0)]
-        n_sweeps = int(min(_SWEEPS_PER_NEWTON, int(budget[open_rows].max()))) if open_rows.numel() else 0
     return weights, sweeps
 
 
@@ -504,6 +503,7 @@ def cross_validate(X, Y, fold_of_row, regressor, standardize: bool = True) -> Cr
 
 
 def _cross_validate_chunk(X, Y, fold_of_row, n_folds, regressor, standardize) -> CrossValidated:
+    """cross_validate on a chunk of batch entries (checked inputs, fold_of_row (B, n))."""
     n_samples = X.shape[1]
     sums = _per_fold_sums(X, Y, fold_of_row, n_folds)
     n_train = (n_samples - sums.count)  # (B, F)
@@ -581,7 +581,7 @@ def _held_out_prediction(X, fold_of_row, weights, offsets):
     """
     n_batch, n_samples, n_features = X.shape
     n_folds, n_targets = offsets.shape[-2:]
-    product_dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    product_dtype = _product_dtype(X)
     stacked = weights.permute(0, 2, 1, 3).reshape(n_batch, n_features, n_folds * n_targets).to(product_dtype)
     per_chunk = max(1, min(n_batch, _STATISTICS_CHUNK_ELEMENTS // max(1, n_samples * n_features)))
     parts = []
@@ -640,7 +640,7 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
     padding_mask = None if bool(valid.all()) else valid.reshape(n_batch, -1, 1)
     empty_fold = (count == 0).unsqueeze(-1)
 
-    product_dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    product_dtype = _product_dtype(X)
     float64 = dict(dtype=torch.float64, device=device)
     sums = _FoldSums(
         count=count,
@@ -674,6 +674,12 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
         sums.xy[chunk].mT.copy_(torch.matmul(y.to(product_dtype).mT, x))
         _symmetric_gram(x, out=sums.xx[chunk])
     return sums
+
+
+def _product_dtype(X):
+    """The dtype of the big products over activations: float64 inputs stay float64, anything else
+    (float32 or float16 activations) is multiplied in float32."""
+    return torch.float64 if X.dtype == torch.float64 else torch.float32
 
 
 def _symmetric_gram(x, out):
@@ -725,9 +731,9 @@ def _standardized_gram(per_fold_xx, n_train, shifted_mean, factor):
     """Each fold's standardized training Gram matrix (B, F, p, p) in float64 from the per-fold sums
     X_f^T X_f (B, F, p, p): ((total - own fold) / n - m m^T) scaled by factor_i factor_j.
 
-    The sums are the largest arrays of the cross-validation, so this makes three passes over them
-    (the subtraction, the outer product, the two-sided scaling) instead of one per operation; the
-    1/n is folded into the outer product and the scaling.
+    The sums are the largest arrays of the cross-validation, so this makes four passes over them
+    (the subtraction, the outer product, one scaling per side) instead of one per operation and a
+    temporary; the 1/n is folded into the outer product and the scaling.
     """
     total = per_fold_xx.sum(1, keepdim=True)
     gram = per_fold_xx if per_fold_xx.dtype == torch.float64 else torch.empty_like(per_fold_xx, dtype=torch.float64)
@@ -763,10 +769,6 @@ def _scale(variance, mean):
 
 # ---------------------------------------------------------------------------------------------
 # Checks
-
-
-def _float64(like):
-    return dict(dtype=torch.float64, device=like.device)
 
 
 def _as_float64(values, device=None) -> torch.Tensor:

@@ -31,10 +31,10 @@ REVISIONS = {
 }
 
 
-
 def stage_content(kind: str, **fields: Any) -> dict[str, Any]:
     """A stage's content config: its kind, its code revision (``REVISIONS``) and ``fields``."""
     return {"kind": kind, "revision": REVISIONS[kind], **fields}
+
 
 def canonical_json(content: dict[str, Any]) -> str:
     """JSON with sorted keys and no whitespace: the text that is hashed and stored."""
