@@ -29,7 +29,7 @@ from rsvc_cli.viz.collage import (
     make_grid,
     select_collage_patches,
 )
-from rsvc_cli.viz.plots import plot_class_similarities, plot_layer_heatmap
+from rsvc_cli.viz.plots import plot_layer_heatmap, write_class_similarities_svg
 from rsvc_cli.viz.report import write_report
 
 CHROMIUM_ARGS = [
@@ -117,8 +117,8 @@ def render(out_dir: Path, n_classes: int, n_concepts: int, n_images: int, image_
         started = time.perf_counter()
         plots = []
         for owner_position, (owner, direction, self_direction) in enumerate(owners):
-            plots.append(str(plot_class_similarities(
-                out_dir / f"plots/{name}-{owner}.png", f"{name}: {owner} concepts",
+            plots.append(str(write_class_similarities_svg(
+                out_dir / f"plots/{name}-{owner}.svg", f"{name}: {owner} concepts",
                 {direction: similarity[owner_position], self_direction: self_similarity[owner_position]},
             ).relative_to(out_dir)))
         timings["plots"] += time.perf_counter() - started

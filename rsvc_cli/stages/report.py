@@ -38,7 +38,7 @@ def _number(value):
 
 
 def report(pair, cfg, result: dict) -> Path:
-    from rsvc_cli.viz.plots import plot_class_similarities
+    from rsvc_cli.viz.plots import write_class_similarities_svg
     from rsvc_cli.viz.report import write_report
 
     out = comparison_dir(cfg, result)
@@ -50,8 +50,10 @@ def report(pair, cfg, result: dict) -> Path:
             continue
         c = result["classes"][name]
         sims = c["similarity"]
-        plot = Path("plots") / f"{_slug(name)}_similarity.png"
-        plot_class_similarities(out / plot, f"{name}: concept similarity", {d: sims[d] for d in ("2->1", "1->1", "1->2", "2->2")})
+        plot = Path("plots") / f"{_slug(name)}_similarity.svg"
+        write_class_similarities_svg(
+            out / plot, f"{name}: concept similarity", {d: sims[d] for d in ("2->1", "1->1", "1->2", "2->2")}
+        )
         concepts = []
         for owner in (1, 2):
             for k in range(len(sims[CROSS[owner]])):

@@ -9,7 +9,7 @@ The report dict (JSON-able)::
 
     {"title": str, "subtitle": str, "meta": {key: value},
      "models": {"model1": "cifar_resnet20 layer3", "model2": "..."},
-     "classes": [{"name": "cat", "plots": ["rel/path.png", ...],
+     "classes": [{"name": "cat", "plots": ["rel/path.svg", ...],
                   "concepts": [{"owner": "model1", "concept": 0, "direction": "2->1",
                                 "similarity": 0.71, "self_similarity": 0.95, "reverse_similarity": None,
                                 "importance": 0.3, "square_content": None,
@@ -249,11 +249,23 @@ class _Images:
 
     def size(self, relative: str) -> tuple[int, int] | None:
         if relative not in self._sizes:
+            path = self.out_dir / relative
+            size = None
             try:
-                with Image.open(self.out_dir / relative) as image:
-                    self._sizes[relative] = image.size
+                if path.suffix.lower() == ".svg":
+                    # PIL cannot open SVG: read the integer width and height of the root <svg>
+                    # element, which our charts write in their first line.
+                    with open(path, "rb") as file:
+                        root = re.search(rb"<svg\b[^>]*>", file.read(4096))
+                    attributes = dict(re.findall(rb'\s(width|height)="(\d+)"', root[0])) if root else {}
+                    if attributes.keys() == {b"width", b"height"}:
+                        size = (int(attributes[b"width"]), int(attributes[b"height"]))
+                else:
+                    with Image.open(path) as image:
+                        size = image.size
             except (OSError, ValueError):
-                self._sizes[relative] = None
+                pass
+            self._sizes[relative] = size
         return self._sizes[relative]
 
     def tag(self, path, alt: str, prefix: str = "", lazy: bool = True) -> str:
