@@ -281,3 +281,41 @@ def test_heatmap_colour_follows_the_coefficient():
     assert (low == low[0]).all() and (high == high[0]).all()
     # viridis runs from dark purple (0) to bright yellow (vmax): more red and green at the high end.
     assert high[0, 0] > low[0, 0] and high[0, 1] > low[0, 1] and high[0, 2] < low[0, 2]
+
+
+# The colour table's step (1/4095 of the range) against viridis' steepest stop-to-stop slope.
+VIRIDIS_TABLE_TOLERANCE = 0.1
+
+
+def test_heatmap_colours_match_viridis_interpolated_between_its_stops():
+    from rsvc_cli.viz.collage import _VIRIDIS_STOPS, _viridis
+
+    values = np.concatenate([np.linspace(-0.2, 1.2, 1001), np.random.default_rng(0).uniform(0, 1, 1000)])
+    stops = np.linspace(0, 1, len(_VIRIDIS_STOPS))
+    exact = np.stack([np.interp(np.clip(values, 0, 1), stops, _VIRIDIS_STOPS[:, c]) for c in range(3)], axis=-1)
+    colours = _viridis(values.reshape(-1, 1))
+    assert colours.shape == (values.size, 1, 3)
+    assert np.abs(colours[:, 0] - exact).max() <= VIRIDIS_TABLE_TOLERANCE
+    assert np.array_equal(_viridis(np.array([0.0, 1.0])), _VIRIDIS_STOPS[[0, -1]])
+
+
+@pytest.mark.parametrize("size", [11, 15])
+def test_text_from_cached_glyphs_matches_pillows_own_rendering(size):
+    """Captions are laid out glyph by glyph (with kerning); they must look exactly as ImageDraw draws them."""
+    from PIL import ImageDraw
+
+    from rsvc_cli.viz.collage import _draw_text, _font, _text_width
+
+    font = _font(size)
+    rng = np.random.default_rng(size)
+    texts = [f"img {rng.integers(0, 10000)}" for _ in range(30)]
+    texts += [f"t {rng.uniform(0, 3):.2f}  p {rng.uniform(-1, 3):.2f}" for _ in range(30)]
+    texts += ["AVAVA To Wa ffi LT …", "cat & <dog> $1 vs $2 · 2->1 0.43 (self 0.94)", "élan Ωμέγα 猫", " ", ""]
+    for text in texts:
+        ours, reference = (Image.new("RGB", (520, 2 * size + 8), (255, 255, 255)) for _ in range(2))
+        _draw_text(ours, (3, 4), text, font, (20, 20, 20))
+        ImageDraw.Draw(reference).text((3, 4), text, fill=(20, 20, 20), font=font)
+        assert np.array_equal(np.asarray(ours), np.asarray(reference)), text
+        if text.strip():
+            left, _, right, _ = font.getbbox(text)
+            assert _text_width(text, font) == right - left, text
