@@ -4,14 +4,14 @@
     python scripts/bench_extract.py --models test_vit --images 32 --batch-size 8
 
 Throughput: `rsvc extract`'s work for a set of images (image decoding, patching, the forward passes
-with the layer hooks, the whole-image pass for the predicted class, HDF5 writes) against a bare
+with the layer hooks, HDF5 writes) against a bare
 `model(x)` loop over the same patches at the same batch size, in the same process, both with the
 same torch threads; the patches of the bare loop are made beforehand and are not timed. Printed as
 bare time / extraction time (a throughput ratio; goal >= 0.9). The two alternate `--repeats` times
 and the best time of each counts (others' load on a shared machine only ever slows a run down).
-Extraction runs the patches only up to the deepest requested layer when that skips at least a tenth
-of the network (test_vit's default blocks.0,blocks.1 do; `--layers blocks.1 blocks.5` does not, and
-shows the overhead of everything else), while the bare loop always runs the whole model.
+Extraction runs the patches only up to the deepest requested layer (test_vit's default
+blocks.0,blocks.1 skip most of the network; `--layers blocks.5` skips only the head, and shows the
+overhead of everything else), while the bare loop always runs the whole model.
 
 Memory: extraction of N and 10 N images, each in a fresh process: peak RSS and tracemalloc's peak
 (Python and numpy allocations). Extraction streams batches into the HDF5 file, so neither should

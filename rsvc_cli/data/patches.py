@@ -289,17 +289,18 @@ class PatchDataset(Dataset):
     def batch(self, items) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Items ``items`` at once, in the extraction layout: ``(inputs, b, image_index, patch_boxes, square_boxes)``.
 
-        ``inputs`` (b * n_patches + b, 3, S, S) holds every image's patches in order, then the b whole
-        images, ready for one forward pass; patch_boxes (b, n_patches, 4), square_boxes (b, 4) (NaN:
-        none). The same numbers as ``__getitem__`` item by item, but normalized, cropped and resized
+        ``inputs`` (b * n_patches, 3, S, S) holds every image's patches in order, ready for one
+        forward pass, followed by the b whole images when the dataset has ``return_image``;
+        patch_boxes (b, n_patches, 4), square_boxes (b, 4) (NaN: none). The same numbers as ``__getitem__`` item by item, but normalized, cropped and resized
         once per batch and written straight into ``inputs``: per-image tensor calls and the copy of a
         concatenation cost as much as the forward pass of a small model.
         """
         loaded = [self._load(int(item)) for item in items]
         b, n = len(loaded), self.n_patches
         images = self._normalize(np.stack([entry[0] for entry in loaded]))
-        inputs = images.new_empty(b * n + b, *images.shape[1:])
+        inputs = images.new_empty(b * n + (b if self.return_image else 0), *images.shape[1:])
         make_patches(images, self.patch_boxes, self.input_size, out=inputs[: b * n].view(b, n, *images.shape[1:]))
-        inputs[b * n:] = images
+        if self.return_image:
+            inputs[b * n:] = images
         return (inputs, b, torch.as_tensor([entry[1] for entry in loaded], dtype=torch.int64),
                 torch.stack([entry[2] for entry in loaded]), torch.stack([entry[3] for entry in loaded]))

@@ -11,15 +11,12 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from rsvc_cli.errors import RsvcError
-
-T = TypeVar("T")
 
 TOKEN_REDUCTIONS = ("cls", "mean")
 N_SUGGESTIONS = 5
@@ -215,56 +212,6 @@ def _square(input_size: int | Sequence[int]) -> tuple[int, int]:
 
 class _AllRecorded(Exception):
     """Raised from the last layer's hook to end a forward pass early (LayerRecorder(stop_early=True))."""
-
-
-def run_counting_compute(module: nn.Module, layer_names: Iterable[str], forward: Callable[[], T]) -> tuple[T, float]:
-    """Run ``forward()``, a forward pass of ``module``, while counting its floating-point operations
-    (matrix products, convolutions, attention: torch's FlopCounterMode). Returns its result and the
-    fraction of those operations done once every named layer had run: 1.0 when the layers are the
-    last thing the model computes, lower when a pass could stop after them and skip the rest.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    names = list(dict.fromkeys(layer_names))
-    modules = dict(module.named_modules())
-    counter = FlopCounterMode(display=False)
-    recorded: set[str] = set()
-    through: list[int] = []
-
-    def make_hook(name: str):
-        def hook(_module, _inputs, _output):
-            recorded.add(name)
-            if len(recorded) == len(names) and not through:
-                through.append(counter.get_total_flops())
-
-        return hook
-
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in names]
-    try:
-        with counter:
-            result = forward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    total = counter.get_total_flops()
-    share = min(1.0, through[0] / total) if through and total > 0 else 1.0
-    return result, share
-
-
-def share_of_compute_through(module: nn.Module, layer_names: Iterable[str], input_size: int | Sequence[int]) -> float:
-    """``run_counting_compute``'s share for one input of ``input_size``, on the meta device: shapes
-    only, no data and no real forward pass (a pass the model would count as one: tests do). A model
-    whose forward needs real data (it reads values) gets 1.0, i.e. never a shortened pass."""
-    height, width = _square(input_size)
-    meta = {name: torch.empty_like(tensor, device="meta")
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
-    try:
-        with _evaluating(module), torch.no_grad():
-            _, share = run_counting_compute(module, layer_names, lambda: torch.func.functional_call(
-                module, meta, (torch.empty(1, 3, height, width, device="meta"),)))
-    except Exception:  # noqa: BLE001 - any failure only means: no early stop
-        return 1.0
-    return share
 
 
 # Torch's own spatial layers: (n, c, h, w) by definition, whatever the model around them declares.

@@ -25,6 +25,7 @@ from rsvc_cli.stages.common import (
     load_image_sets,
     load_model,
     patch_geometry,
+    predicted_classes_for,
     produce,
     resolve_device,
     store_dir,
@@ -49,7 +50,6 @@ class Activations:
     image_row: np.ndarray  # (n_patches,) row in the image table (the source image of the patch)
     image_set: np.ndarray
     label: np.ndarray
-    predicted_class: np.ndarray
     patch_box: np.ndarray
     image_index: np.ndarray
     class_names: list[str]
@@ -61,7 +61,7 @@ def read_activations(path: Path, content: dict) -> Activations:
     with open_artifact(path, "activations", content) as f:
         return Activations(values=f["activations"][()].astype(np.float32), image_row=f["image_row"][()],
                            image_set=f["image_set"][()], label=f["label"][()],
-                           predicted_class=f["predicted_class"][()], patch_box=f["patch_box"][()],
+                           patch_box=f["patch_box"][()],
                            image_index=f["image_index"][()], class_names=read_strings(f["class_names"]),
                            square_box=f["images/square_box"][()], image_path=read_strings(f["images/path"]))
 
@@ -84,12 +84,13 @@ def concepts_content(act_content: dict, decomposition: dict, group_by: str) -> d
     return stage_content("concepts", activations=act_content, decomposition=decomposition, group_by=group_by)
 
 
-def class_of_patch(acts: Activations, group_by: str) -> np.ndarray:
-    """The class each patch is grouped under for fitting concepts: its label, or the model's prediction."""
+def class_of_patch(acts: Activations, group_by: str, predicted_of_image: np.ndarray | None = None) -> np.ndarray:
+    """The class each patch is grouped under for fitting concepts: its label, or the model's prediction
+    on its whole image (``predicted_of_image``, per image row: `common.predicted_classes_for`)."""
     if group_by == "label":
         return acts.label
     if group_by == "predicted":
-        return acts.predicted_class
+        return predicted_of_image[acts.image_row]
     raise RsvcError(f"dataset.group_by={group_by} is not an option.", "Use dataset.group_by=label or dataset.group_by=predicted.")
 
 
@@ -104,7 +105,8 @@ def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activation
         acts = read_activations(act_path, act_content)
         check_finite(acts.values, f"The activations of {model.label} at {layer}")
         check_varies(acts.values[acts.image_set == CONCEPT_SET], f"The activations of {model.label} at {layer}")
-        fitted = fit_concepts(acts, params, group_by, device)
+        predicted = predicted_classes_for(model, images, cfg) if group_by == "predicted" else None
+        fitted = fit_concepts(acts, params, group_by, device, predicted)
         f.attrs["per_class"] = bool(params["per_class"])
         f.attrs["signed"] = params["signed"]
         write_array(f, "class_names", np.array(acts.class_names, dtype=str), "class")
@@ -154,9 +156,10 @@ def make_estimator(params: dict):
     return make_decomposition(method, **{k: v for k, v in given.items() if k in accepted and v is not None})
 
 
-def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.device) -> dict[str, dict]:
+def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.device,
+                 predicted_of_image: np.ndarray | None = None) -> dict[str, dict]:
     values = prepare_activations(acts.values, params["method"], params["signed"])
-    classes = class_of_patch(acts, group_by)
+    classes = class_of_patch(acts, group_by, predicted_of_image)
     concept_rows = acts.image_set == CONCEPT_SET
     if params["per_class"]:
         groups = {name: np.nonzero(concept_rows & (classes == c))[0] for c, name in enumerate(acts.class_names)}

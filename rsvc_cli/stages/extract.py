@@ -1,7 +1,8 @@
 """rsvc extract: activations of one model on the patches of the image sets.
 
-One forward pass per batch records every requested layer (and stops after the deepest one when
-that skips a good share of the network); each layer is its own artifact
+One forward pass per batch of patches records every requested layer and stops after the deepest
+one (the model's predictions on whole images, which only dataset.group_by=predicted needs, are an
+artifact of their own: `common.predicted_classes_for`); each layer is its own artifact
 (`activations/<model>-<layer>-<key>.h5`) so that layers are shared between comparisons. Layers
 that are already complete are skipped; the others are written together, resumably: the partial
 files record how many images are done, and a rerun continues from there.
@@ -33,9 +34,6 @@ from rsvc_cli.stages.common import (
 )
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
-# Patches stop at the deepest requested layer when that skips at least this share of the network's
-# compute (more than the fixed cost of the separate whole-image pass it then needs).
-EARLY_STOP_MIN_SAVING = 0.1
 
 
 def run(cfg) -> dict[str, Path]:
@@ -78,12 +76,12 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
 
 def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, contents, run_cfg) -> None:
     from rsvc_cli.data.patches import PatchDataset
-    from rsvc_cli.models.hooks import LayerRecorder, share_of_compute_through
+    from rsvc_cli.models.hooks import LayerRecorder
 
     device = resolve_device(run_cfg.device)
     dtype = STORAGE_DTYPES[run_cfg.storage_dtype]
     dataset = PatchDataset(images.source, images.image_index, model.input_size, model.mean, model.std,
-                           patch_size=geometry[0], stride=geometry[1], planting=images.planting, return_image=True)
+                           patch_size=geometry[0], stride=geometry[1], planting=images.planting)
     n_images = len(images.image_index)
     patches_per_image = dataset.n_patches
     n_patches = n_images * patches_per_image
@@ -97,11 +95,6 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         n_done = min(int(w.file.attrs.get("n_done_images", 0)) if w.resumed else 0 for w in writers.values())
         if n_done:
             console.say(f"resuming extraction at image {n_done}/{n_images}")
-        # Patches need the network only up to the deepest requested layer. Where that leaves enough of
-        # it out, patches stop there and the whole images (for the predicted class) get a pass of their
-        # own; otherwise one pass over both costs less than two (each pass has a fixed cost). Measured
-        # before the recorder's hooks exist, so they never see the meta-device pass.
-        stop_early = share_of_compute_through(module, layers, model.input_size) <= 1 - EARLY_STOP_MIN_SAVING
         recorder = LayerRecorder(module, layers, token_reduce=model.token_reduce)
         datasets = None
         if n_done:
@@ -116,16 +109,10 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
         try:
             with torch.inference_mode(), recorder:
                 for inputs, b, _, boxes, squares in _prefetched(loader):
-                    n = b * patches_per_image  # patch rows; the b whole images follow them
                     inputs = inputs.to(device, non_blocking=True)
                     with autocast:
-                        if stop_early:
-                            _, vectors = recorder(inputs[:n], stop_early=True)
-                            logits, _ = recorder(inputs[n:])
-                        else:
-                            logits, vectors = recorder(inputs)
-                            vectors, logits = {l: v[:n] for l, v in vectors.items()}, logits[n:]
-                    predicted = logits.float().argmax(-1).cpu().numpy()
+                        # Nothing past the deepest requested layer is needed.
+                        _, vectors = recorder(inputs, stop_early=True)
                     if datasets is None:
                         datasets = {l: _create_layout(writers[l].file, images, dataset, vectors[l].shape[-1], dtype)
                                     for l in layers}
@@ -134,7 +121,6 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
                         f = writers[l].file
                         datasets[l][rows] = vectors[l].float().cpu().numpy().astype(dtype)
                         f["patch_box"][rows] = boxes.numpy().reshape(-1, 4)
-                        f["images/predicted_class"][start:start + b] = predicted
                         f["images/square_box"][start:start + b] = squares.numpy()
                         f.attrs["n_done_images"] = start + b
                         f.flush()
@@ -176,10 +162,9 @@ def _prefetched(loader):
 
 class _Batches(torch.utils.data.Dataset):
     """The extraction's input batches from image `first` on: item j is `PatchDataset.batch` of images
-    first + j * batch_size onward, every image's patches and then the whole images (for the predicted
-    class) in one forward pass, not a second small one per batch: every operation of a forward pass
-    has a fixed cost (thread start-up), which in a batch of whole images alone is a large share.
-    Whole batches are items, so DataLoader workers (num_workers) make whole batches too."""
+    first + j * batch_size onward, every image's patches, made in one call (per-image tensor calls
+    cost as much as a small model's forward pass). Whole batches are items, so DataLoader workers
+    (num_workers) make whole batches too."""
 
     def __init__(self, dataset, first: int, batch_size: int):
         self.dataset, self.first, self.batch_size = dataset, first, max(1, batch_size)
@@ -206,7 +191,6 @@ def _create_layout(f, images: ImageSets, dataset, n_features: int, dtype) -> "h5
     write_array(grp, "image_set", images.image_set, "image")
     paths = [str(images.source.paths[int(i)]) for i in images.image_index]
     write_array(grp, "path", np.array(paths, dtype=object).astype(str), "image")
-    grp.create_dataset("predicted_class", shape=(n_images,), dtype=np.int64).attrs["dims"] = "image"
     grp.create_dataset("square_box", shape=(n_images, 4), dtype=np.float32).attrs["dims"] = "image,xyxy (NaN: none)"
     write_array(f, "class_names", np.array(images.class_names, dtype=str), "class")
     f.attrs["patches_per_image"] = p
@@ -220,4 +204,3 @@ def _finish_layout(f, images: ImageSets, patches_per_image: int) -> None:
     write_array(f, "image_index", per_patch(images.image_index), "patch")
     write_array(f, "label", per_patch(images.label), "patch")
     write_array(f, "image_set", per_patch(images.image_set), "patch")
-    write_array(f, "predicted_class", per_patch(f["images/predicted_class"][()]), "patch")

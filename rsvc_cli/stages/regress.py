@@ -19,7 +19,16 @@ import torch
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
 from rsvc_cli.store.keys import stage_content
-from rsvc_cli.stages.common import ImageSets, load_image_sets, load_model, produce, resolve_device, store_dir, to_plain
+from rsvc_cli.stages.common import (
+    ImageSets,
+    load_image_sets,
+    load_model,
+    predicted_classes_for,
+    produce,
+    resolve_device,
+    store_dir,
+    to_plain,
+)
 from rsvc_cli.stages.decompose import (
     EVALUATION_SET,
     REGRESSION_SET,
@@ -97,12 +106,14 @@ def check_aligned(a1: Activations, a2: Activations, label1: str, label2: str) ->
                         "or delete the mismatched activations artifacts and rerun.")
 
 
-def comparison_rows(a1: Activations, a2: Activations, class_index: int, image_set: int, group_by: str) -> np.ndarray:
-    """Rows of class c in an image set: by label, or the union of both models' predicted sets (the authors)."""
+def comparison_rows(a1: Activations, class_index: int, image_set: int, group_by: str, predicted=None) -> np.ndarray:
+    """Rows of class c in an image set: by label, or the union of both models' predicted sets (the authors;
+    ``predicted``: both models' predicted class per image row)."""
     in_set = a1.image_set == image_set
     if group_by == "label":
         return np.nonzero(in_set & (a1.label == class_index))[0]
-    return np.nonzero(in_set & ((a1.predicted_class == class_index) | (a2.predicted_class == class_index)))[0]
+    predicted1, predicted2 = (p[a1.image_row] for p in predicted)
+    return np.nonzero(in_set & ((predicted1 == class_index) | (predicted2 == class_index)))[0]
 
 
 def regressor_for(params: dict):
@@ -137,13 +148,16 @@ def regress(pair: Pair, cfg) -> Path:
         concepts = {1: c1, 2: c2}
         write_array(f, "class_names", np.array(a1.class_names, dtype=str), "class")
         regressor = regressor_for(params)
+        predicted = None
+        if group_by == "predicted":
+            predicted = [predicted_classes_for(m, pair.images, cfg) for m in (pair.model1, pair.model2)]
         # Per class: rows and true coefficients of both models on both sets.
         per_class = {}
         for c, name in enumerate(a1.class_names):
             if name not in c1.concept_basis and c1.per_class:
                 continue
-            rows_reg = comparison_rows(a1, a2, c, REGRESSION_SET, group_by)
-            rows_eval = comparison_rows(a1, a2, c, EVALUATION_SET, group_by)
+            rows_reg = comparison_rows(a1, c, REGRESSION_SET, group_by, predicted)
+            rows_eval = comparison_rows(a1, c, EVALUATION_SET, group_by, predicted)
             n_images = len(np.unique(a1.image_row[rows_reg]))
             if n_images < int(params["n_folds"]):
                 raise RsvcError(f"Class '{name}' has {n_images} regression-set images, fewer than the "

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-KINDS = ("activations", "concepts", "regression", "scores", "importance", "checkpoints")
+KINDS = ("activations", "predictions", "concepts", "regression", "scores", "importance", "checkpoints")
 
 # Revision of the code that computes each kind's numbers, written into every content config (which
 # nest, so downstream keys change too). Bump one when a change alters what its stage computes (another
@@ -23,6 +23,7 @@ KINDS = ("activations", "concepts", "regression", "scores", "importance", "check
 # being reused as if this code had made them. Settings need no bump; they are in the content already.
 REVISIONS = {
     "activations": 2,  # 2: layers of channels-last (NHWC) models averaged over their own spatial axes
+    "predictions": 1,
     "concepts": 1,
     "regression": 2,  # 2: float32 products for float32 activations; exact constants per training fold
     "scores": 1,

@@ -18,8 +18,6 @@ from rsvc_cli.models.hooks import (
     model_has_cls_token,
     reduce_to_vectors,
     resolve_layer_names,
-    run_counting_compute,
-    share_of_compute_through,
 )
 from rsvc_cli.models.registry import make_model
 
@@ -357,52 +355,3 @@ def test_recorder_stop_early_records_the_same_and_skips_the_rest(test_vit):
         torch.testing.assert_close(stopped[layer], full[layer], **EXACT)
 
 
-def test_run_counting_compute_measures_the_share_through_the_deepest_layer(test_vit, test_resnet):
-    vit, images = test_vit.module, images_for(test_vit)
-
-    def share(module, names, inputs):
-        with torch.no_grad():
-            logits, measured = run_counting_compute(module, names, lambda: module(inputs))
-        assert logits.shape[0] == inputs.shape[0]  # the pass's own result comes back
-        return measured
-
-    first, second, last = (share(vit, [name], images) for name in ("blocks.0", "blocks.1", "blocks.5"))
-    assert 0 < first < second < last <= 1
-    assert last > 0.99  # only the norm and the head come after the last block
-    # Six equal blocks after a patch embedding: the second block ends about a third of the way in.
-    assert 0.2 < second < 0.6
-    # The deepest of several layers counts, whatever the order they are named in.
-    assert share(vit, ["blocks.1", "blocks.0"], images) == pytest.approx(second)
-    assert share(test_resnet.module, ["layer4"], images_for(test_resnet)) > 0.9
-    assert not any(len(m._forward_hooks) for m in vit.modules())  # its hooks are gone
-
-
-def test_share_of_compute_through_runs_on_the_meta_device(test_vit):
-    vit, images = test_vit.module, images_for(test_vit)
-    real_calls = []
-    handle = vit.register_forward_pre_hook(lambda _m, args: real_calls.append(args[0].device.type))
-    try:
-        on_meta = share_of_compute_through(vit, ["blocks.1"], test_vit.data_config.input_size)
-    finally:
-        handle.remove()
-    assert real_calls == ["meta"]  # shapes only: no data went through the model
-    with torch.no_grad():
-        _, on_images = run_counting_compute(vit, ["blocks.1"], lambda: vit(images))
-    # The same fraction up to how attention is counted (a fused kernel on real data, its parts on meta).
-    assert on_meta == pytest.approx(on_images, rel=0.1)
-    assert all(p.device.type == "cpu" for p in vit.parameters()) and vit.training is False
-
-
-def test_share_of_compute_through_is_one_when_a_forward_needs_data():
-    class ReadsValues(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 2)
-
-        def forward(self, x):
-            x = self.first(x.flatten(1)[:, :4])
-            if float(x.sum()) > 1e9:  # data-dependent Python: impossible on the meta device
-                x = x * 0
-            return self.second(x)
-
-    assert share_of_compute_through(ReadsValues(), ["first"], 2) == 1.0

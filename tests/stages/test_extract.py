@@ -16,6 +16,7 @@ import pytest
 from conftest import CHECKPOINTS, CIFAR_TEST, compose
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.stages import extract
+from rsvc_cli.stages.common import load_image_sets, load_model, predicted_classes_for
 
 
 def _run(*overrides):
@@ -24,14 +25,14 @@ def _run(*overrides):
 
 def _read(path):
     with h5py.File(path, "r") as f:
-        return {name: f[name][()] for name in ("activations", "image_index", "patch_box", "label", "image_set",
-                                               "predicted_class")}
+        return {name: f[name][()] for name in ("activations", "image_index", "patch_box", "label", "image_set")}
 
 
 def test_cifar_resnet20_layers_on_real_images(store, shared_dir):
-    paths = _run("model=cifar_resnet20", f"model.checkpoint={CHECKPOINTS['cifar_resnet20']}", "dataset=imagefolder",
-                 f"dataset.root={CIFAR_TEST}", "dataset.classes=[cat,dog]", "dataset.images_per_class=10",
-                 "layers=[layer2,layer3]", f"store={store}")
+    cfg = compose("extract", "model=cifar_resnet20", f"model.checkpoint={CHECKPOINTS['cifar_resnet20']}",
+                  "dataset=imagefolder", f"dataset.root={CIFAR_TEST}", "dataset.classes=[cat,dog]",
+                  "dataset.images_per_class=10", "layers=[layer2,layer3]", f"store={store}")
+    paths = extract.run(cfg)
     a2, a3 = _read(paths["layer2"]), _read(paths["layer3"])
     assert a2["activations"].shape == (20 * 16, 32) and a3["activations"].shape == (20 * 16, 64)
     assert (a3["activations"] >= 0).all(), "post-ReLU layer outputs averaged over space are non-negative"
@@ -39,8 +40,16 @@ def test_cifar_resnet20_layers_on_real_images(store, shared_dir):
     # 2:4:4 split of 10 images per class; labels are the requested classes
     assert np.bincount(a3["image_set"]).tolist() == [2 * 2 * 16, 4 * 2 * 16, 4 * 2 * 16]
     assert set(a3["label"]) == {0, 1}
-    # the model's predictions of these cat/dog images are mostly cat or dog (CIFAR indices 3 and 5)
-    assert np.isin(a3["predicted_class"][::16], [3, 5]).mean() > 0.6
+    # Predictions on the whole images are not part of an extraction: an artifact of their own, made on
+    # demand (dataset.group_by=predicted), mostly cat or dog (CIFAR indices 3 and 5), then reused.
+    assert not (store / "predictions").exists()
+    model, images = load_model(cfg.model, cfg), load_image_sets(cfg.dataset)
+    predicted = predicted_classes_for(model, images, cfg)
+    assert predicted.shape == (20,) and np.isin(predicted, [3, 5]).mean() > 0.6
+    (artifact,) = (store / "predictions").glob("*.h5")
+    mtime = artifact.stat().st_mtime_ns
+    np.testing.assert_array_equal(predicted_classes_for(model, images, cfg), predicted)
+    assert artifact.stat().st_mtime_ns == mtime
 
 
 def test_timm_resnet_and_vit_shapes_and_token_reduction(store):
@@ -54,16 +63,15 @@ def test_timm_resnet_and_vit_shapes_and_token_reduction(store):
     assert (cls["activations"] < 0).any(), "ViT tokens are signed"
 
 
-def test_patches_stopped_after_the_deepest_layer_match_a_full_pass(tmp_path):
+def test_patches_stopped_after_the_deepest_layer_match_a_deeper_pass(tmp_path):
     common = ["model=test_vit", "dataset=synthetic", "dataset.n_classes=2", "dataset.images_per_class=5",
               "batch_size=4"]
-    # blocks.1 alone: patches stop after it (a third of the network), whole images get their own pass.
+    # blocks.1 alone: patches stop after it (a third of the network).
     stopped = _read(_run("layers=[blocks.1]", f"store={tmp_path / 'a'}", *common)["blocks.1"])
-    # With blocks.5 as well nothing can be skipped: one full pass over patches and whole images.
-    full = _read(_run("layers=[blocks.1,blocks.5]", f"store={tmp_path / 'b'}", *common)["blocks.1"])
+    # With blocks.5 as well, the pass runs through blocks.5.
+    deeper = _read(_run("layers=[blocks.1,blocks.5]", f"store={tmp_path / 'b'}", *common)["blocks.1"])
     # Same numbers; batches of other sizes may round differently in the last float32 digits.
-    np.testing.assert_allclose(stopped["activations"], full["activations"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(stopped["predicted_class"], full["predicted_class"])
+    np.testing.assert_allclose(stopped["activations"], deeper["activations"], rtol=1e-5, atol=1e-5)
 
 
 def test_second_run_reuses_and_a_changed_setting_recomputes(store, capsys):

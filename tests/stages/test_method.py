@@ -55,6 +55,40 @@ def test_trained_pair_is_more_similar_than_a_random_network(store, shared_dir):
     assert n_rows == 3 * 2 * 10
 
 
+@pytest.mark.slow
+def test_grouping_by_predicted_class_uses_each_models_whole_image_predictions(store, shared_dir):
+    """dataset.group_by=predicted (the authors' grouping): concepts are fitted on the patches of the images
+    their model predicts as the class, and a class is compared on the images either model predicts as it."""
+    from rsvc_cli.stages.common import predicted_classes_for
+    from rsvc_cli.stages.decompose import CONCEPT_SET, EVALUATION_SET, read_activations
+    from rsvc_cli.stages.regress import read_regression, regression_content, regression_params
+
+    cfg = compose("regress", "dataset=cifar10", f"dataset.root={CIFAR_TEST}", "dataset.images_per_class=15",
+                  "dataset.group_by=predicted", "model1=cifar_resnet20", "model2=cifar_resnet56",
+                  f"model1.checkpoint={R20}", f"model2.checkpoint={R56}", "decomposition.n_concepts=2",
+                  "regression.n_folds=2", f"store={store}")
+    pair = prepare_pair(cfg)
+    path = regress(pair, cfg)
+    predicted = [predicted_classes_for(m, pair.images, cfg) for m in (pair.model1, pair.model2)]
+    assert len(list((store / "predictions").glob("*.h5"))) == 2
+    # The pretrained models mostly agree with the labels, and not everywhere with each other.
+    assert all((p == pair.images.label).mean() > 0.7 for p in predicted)
+    assert (predicted[0] != predicted[1]).any()
+
+    acts = read_activations(*pair.activations1)
+    with h5py.File(pair.concepts1[0], "r") as f:
+        fitted_rows = {name: g["rows"][()] for name, g in f["classes"].items()}
+    for c, name in enumerate(acts.class_names):
+        expected = np.nonzero((acts.image_set == CONCEPT_SET) & (predicted[0][acts.image_row] == c))[0]
+        np.testing.assert_array_equal(fitted_rows.get(name, np.zeros(0, np.int64)), expected)
+    result = read_regression(path, regression_content(pair, regression_params(cfg), "predicted"))
+    assert result.classes
+    for name, entry in result.classes.items():
+        c = acts.class_names.index(name)
+        either = (predicted[0][acts.image_row] == c) | (predicted[1][acts.image_row] == c)
+        np.testing.assert_array_equal(entry["evaluation_rows"], np.nonzero((acts.image_set == EVALUATION_SET) & either)[0])
+
+
 def test_misaligned_patches_are_refused(store):
     base = ["model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3", "dataset.n_classes=2",
             "dataset.images_per_class=10", "decomposition.n_concepts=3", f"store={store}"]

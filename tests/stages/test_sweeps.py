@@ -33,8 +33,9 @@ LAYERS = ("layer1", "layer2", "layer3")
 CLASSES = ("cat", "dog")
 IMAGES_PER_CLASS = 15
 PATCHES_PER_IMAGE = 16  # 9 px patches at stride 7 on the 32 px input
-# Extraction runs each image's patches and the whole image (for the model's predicted class).
-INPUTS_PER_IMAGE = PATCHES_PER_IMAGE + 1
+# Extraction runs each image's patches, nothing else (the default grouping by label needs no
+# predictions on whole images).
+INPUTS_PER_IMAGE = PATCHES_PER_IMAGE
 ARTIFACT_KINDS = ("activations", "concepts", "regression", "scores")
 
 COUNTING_MODEL = '''
