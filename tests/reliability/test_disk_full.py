@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -196,15 +197,14 @@ def test_disk_full_while_taking_a_lock(reference, tmp_path, monkeypatch, capsys)
 
 def test_disk_full_while_drawing_collages_keeps_every_artifact(reference, tmp_path, monkeypatch, capsys):
     """Collages are pictures, redrawn on every run: the artifacts and tables are what must survive."""
-    from PIL import Image
-
     store = copy_store(reference.store, tmp_path / "store")
     before = snapshot(store)
 
-    def no_space_save(self, *args, **kwargs):
+    def no_space_write(self, *args, **kwargs):
         raise NO_SPACE
 
-    monkeypatch.setattr(Image.Image, "save", no_space_save)
+    # Collage PNGs (rsvc_cli.viz.png) are the only files written with Path.write_bytes.
+    monkeypatch.setattr(Path, "write_bytes", no_space_write)
     code, err = run_compare_expecting_exit(store, capsys)
     assert_clear_no_space_message(code, err)
     after = snapshot(store)
