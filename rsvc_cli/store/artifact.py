@@ -35,6 +35,15 @@ PARTIAL_SUFFIX = ".partial"
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
+def write_text_replacing(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` then rename it into place, so an interrupted run never leaves a half
+    file that looks finished. One temporary name per process, so that jobs racing on one comparison
+    never rename each other's."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
 def _is_no_space(exc: BaseException | None) -> bool:
     """True when `exc`, or an exception it was raised from, is a full disk."""
     while exc is not None:

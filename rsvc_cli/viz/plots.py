@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import itertools
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -287,16 +286,12 @@ def write_class_similarities_svg(
     concept_labels: Sequence[str] | None = None,
     ylabel: str = "similarity (Pearson r)",
 ) -> Path:
-    """Write ``class_similarities_svg`` to ``path``, creating its folder.
+    """Write ``class_similarities_svg`` to ``path`` (then renamed into place), creating its folder."""
+    from rsvc_cli.store.artifact import write_text_replacing
 
-    Written then renamed, under one temporary name per process, so an interrupted run never
-    leaves a half chart and jobs racing on one comparison never rename each other's.
-    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(class_similarities_svg(title, similarities, concept_labels, ylabel), encoding="utf-8")
-    os.replace(partial, path)
+    write_text_replacing(path, class_similarities_svg(title, similarities, concept_labels, ylabel))
     return path
 
 

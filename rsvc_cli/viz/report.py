@@ -34,6 +34,8 @@ from urllib.parse import quote
 
 from PIL import Image
 
+from rsvc_cli.store.artifact import write_text_replacing
+
 from rsvc_cli.errors import RsvcError
 
 UNDEFINED = "—"
@@ -220,14 +222,6 @@ def _predictor(direction: str) -> str:
     """"2->1" -> "model2": the model whose activations predict the concept."""
     parts = str(direction).split("->")
     return f"model{parts[0]}" if len(parts) == 2 and parts[0] else "the other model"
-
-
-def _write_text(path: Path, text: str) -> None:
-    # Write then rename, so an interrupted run never leaves a half page that looks finished.
-    # One temporary name per process, so that jobs racing on one comparison never rename each other's.
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 class _Images:
@@ -509,7 +503,7 @@ def write_report(out_dir, report: Mapping) -> Path:
             f'<details class="all-classes"><summary>all {len(classes)} classes</summary>'
             f'<nav class="classes">{all_links}</nav></details>'
         )
-        _write_text(out_dir / pages[position], _page(f"{name} — {title}", header, "\n".join(body)))
+        write_text_replacing(out_dir / pages[position], _page(f"{name} — {title}", header, "\n".join(body)))
 
         similarities = [s for s in (_number(entry.concept.get("similarity")) for entry in entries) if s is not None]
         lowest = f"{min(similarities):.2f}" if similarities else UNDEFINED
@@ -540,5 +534,5 @@ def write_report(out_dir, report: Mapping) -> Path:
         + "</section>"
     )
     index_path = out_dir / "index.html"
-    _write_text(index_path, _page(title, header, "\n".join(body)))
+    write_text_replacing(index_path, _page(title, header, "\n".join(body)))
     return index_path
