@@ -29,6 +29,18 @@ COEF_ATOL = 1e-8
 FLOAT32_PREDICTION_RTOL = 1e-5
 
 
+@pytest.fixture(params=["compiled", "batched"])
+def solver_path(request, monkeypatch):
+    """Runs a test on both paths: the compiled CPU kernels (lasso, fold layout, standardized Gram
+    matrices) and the torch code GPUs run."""
+    from rsvc_cli.algorithms import compiled
+
+    if request.param == "compiled" and not compiled.enabled():
+        pytest.fail("numba is missing: the compiled kernels are a dependency of rsvc")
+    monkeypatch.setenv("RSVC_COMPILED_KERNELS", "1" if request.param == "compiled" else "0")
+    return request.param
+
+
 def lasso_objective(X, y, coef, intercept, alpha):
     return 0.5 * np.mean((y - X @ coef - intercept) ** 2) + alpha * np.abs(coef).sum()
 
@@ -49,7 +61,7 @@ def sklearn_lasso(X, y, alpha, tol=1e-10):
 
 @pytest.mark.parametrize("alpha", [0.01, 0.1, 0.5])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_lasso_objective_matches_sklearn_multi_target(alpha, seed):
+def test_lasso_objective_matches_sklearn_multi_target(alpha, seed, solver_path):
     X, Y = correlated_problem(seed)
     ours = Lasso(alpha=alpha).fit(torch.from_numpy(X), torch.from_numpy(Y))
     assert ours.coef_.shape == (3, 40) and ours.intercept_.shape == (3,)
@@ -62,7 +74,7 @@ def test_lasso_objective_matches_sklearn_multi_target(alpha, seed):
         assert ours_objective <= reference_objective * (1 + OBJECTIVE_RTOL)
 
 
-def test_lasso_batched_over_leading_dimensions_and_unstandardized_data():
+def test_lasso_batched_over_leading_dimensions_and_unstandardized_data(solver_path):
     problems = [correlated_problem(seed, standardized=False) for seed in (2, 3, 4, 5)]
     X = torch.from_numpy(np.stack([x for x, _ in problems]).reshape(2, 2, 200, 40))
     Y = torch.from_numpy(np.stack([y for _, y in problems]).reshape(2, 2, 200, 3))
@@ -81,7 +93,7 @@ def test_lasso_batched_over_leading_dimensions_and_unstandardized_data():
         )
 
 
-def test_lasso_handles_constant_features_and_targets():
+def test_lasso_handles_constant_features_and_targets(solver_path):
     X, Y = correlated_problem(6)
     X[:, 5] = 2.0  # a constant feature
     Y[:, 1] = -1.0  # a constant target
@@ -164,7 +176,7 @@ def protocol_problem():
     return X, Y, folds
 
 
-def test_cross_validate_matches_the_sklearn_protocol_per_batch_entry():
+def test_cross_validate_matches_the_sklearn_protocol_per_batch_entry(solver_path):
     X, Y, folds = protocol_problem()
     result = cross_validate(torch.from_numpy(X), torch.from_numpy(Y), folds, Lasso(alpha=0.1))
     assert result.coef_.shape == (2, 4, 3, 20) and result.held_out_prediction.shape == (2, 168, 3)
@@ -194,7 +206,7 @@ def test_cross_validate_in_chunks_of_batch_entries_gives_the_same_result(monkeyp
     torch.testing.assert_close(chunked_lasso.dual_gap_, whole_lasso.dual_gap_, rtol=0, atol=1e-12)
 
 
-def test_cross_validate_on_float32_inputs_reaches_the_same_optimum():
+def test_cross_validate_on_float32_inputs_reaches_the_same_optimum(solver_path):
     """Float32 activations get float32 products: the held-out predictions move by far less than
     the stored float32 precision matters for, and every fold's lasso objective stays within the
     tolerance of scikit-learn's on the same (float32-held) values."""
@@ -215,7 +227,7 @@ def test_cross_validate_on_float32_inputs_reaches_the_same_optimum():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_columns_constant_on_a_fold_s_training_rows_get_scale_one(dtype):
+def test_columns_constant_on_a_fold_s_training_rows_get_scale_one(dtype, solver_path):
     """A ReLU channel silent on every training row of a fold but active on a held-out row: its
     training variance is exactly 0, so StandardScaler gives it scale 1, and so must we (a
     variance computed from sums would leave rounding noise and blow the column up)."""
@@ -239,7 +251,7 @@ def test_columns_constant_on_a_fold_s_training_rows_get_scale_one(dtype):
                                atol=COEF_ATOL if dtype == torch.float64 else FLOAT32_PREDICTION_RTOL * Y[0].std(0).max())
 
 
-def test_lasso_falls_back_on_coordinate_descent_when_newton_steps_run_out(monkeypatch):
+def test_lasso_falls_back_on_coordinate_descent_when_newton_steps_run_out(monkeypatch, solver_path):
     """With a single active-set Newton step per round most problems are not solved by Newton; the
     coordinate descent must still reach scikit-learn's optimum."""
     import rsvc_cli.algorithms.regression as regression
@@ -256,6 +268,29 @@ def test_lasso_falls_back_on_coordinate_descent_when_newton_steps_run_out(monkey
         assert mine <= theirs * (1 + OBJECTIVE_RTOL)
 
 
+def test_compiled_and_batched_lasso_solvers_agree(monkeypatch):
+    """Same algorithm on both paths: the same optimum to rounding and the same sweep counts, on
+    problems that need several working-set rounds (p > the initial working set) and targets of
+    different difficulty."""
+    from rsvc_cli.algorithms import compiled, regression
+
+    assert compiled.enabled(), "numba is missing: the compiled kernels are a dependency of rsvc"
+    rng = np.random.default_rng(21)
+    latent = rng.standard_normal((4, 300, 10))
+    X = latent @ rng.standard_normal((4, 10, 150)) + rng.standard_normal((4, 300, 150))
+    Y = latent @ rng.standard_normal((4, 10, 5)) + rng.standard_normal((4, 300, 5))
+    X, Y = torch.from_numpy(X), torch.from_numpy(Y)
+    results = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("RSVC_COMPILED_KERNELS", path)
+        results[path] = Lasso(alpha=0.02).fit(X, Y)
+    compiled_fit, batched_fit = results["1"], results["0"]
+    assert int((compiled_fit.coef_ != 0).sum(-1).max()) > regression._INITIAL_WORKING_SET // 2
+    torch.testing.assert_close(compiled_fit.coef_, batched_fit.coef_, rtol=0, atol=1e-10)
+    assert torch.equal(compiled_fit.n_iter_, batched_fit.n_iter_)
+    assert float(compiled_fit.dual_gap_.max()) <= 1e-8 * float(Y.var(-2).min())
+
+
 def test_cross_validated_predict_averages_the_fold_models():
     X, Y = correlated_problem(11, n=160, p=20, standardized=False)
     folds = grouped_kfold(torch.from_numpy(np.repeat(np.arange(20), 8)), 5, seed=0)
@@ -270,7 +305,7 @@ def test_cross_validated_predict_averages_the_fold_models():
     np.testing.assert_allclose(result.predict(torch.from_numpy(X_new)[None])[0].numpy(), expected, atol=COEF_ATOL)
 
 
-def test_standardization_statistics_never_see_held_out_rows():
+def test_standardization_statistics_never_see_held_out_rows(solver_path):
     """Fold 0's rows live on a wildly different scale; a leaky implementation would fold them into
     every model's statistics. Each fold's statistics and predictions must equal a train-only
     computation and differ from the leaky one."""
