@@ -16,6 +16,18 @@ RELATIVE_TOL = 1e-5
 RESIDUAL_RTOL = 1e-9
 
 
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def solver_path(request, monkeypatch):
+    """Every test runs on both paths: the compiled CPU kernel (rows it cannot finish go to the torch
+    solver) and the torch solver alone, as on GPUs."""
+    from rsvc_cli.algorithms import compiled
+
+    if request.param == "compiled":
+        assert compiled.enabled(), "numba is missing: the compiled kernels are a dependency of rsvc"
+    monkeypatch.setenv("RSVC_COMPILED_KERNELS", "1" if request.param == "compiled" else "0")
+    return request.param
+
+
 def scipy_rows(activations, basis):
     return np.stack([scipy_nnls(basis.T, row)[0] for row in activations])
 
@@ -105,6 +117,35 @@ def test_fallback_active_set_path_matches_scipy():
     basis = rng.standard_normal((7, 30))
     activations = rng.standard_normal((150, 30))
     assert_matches_scipy(activations, basis, max_iter=0)
+
+
+def test_compiled_kernel_and_torch_solver_agree_on_float32_activations(monkeypatch):
+    """Both paths solve the same rows exactly: the same coefficients to rounding, on NMF-like float32
+    data where most rows need pivoting, and on a rank-deficient basis whose rows the kernel hands
+    to the torch solver."""
+    import rsvc_cli.algorithms.nnls as nnls_module
+
+    rng = np.random.default_rng(12)
+    basis = rng.exponential(1.0, (10, 96)) * (rng.random((10, 96)) < 0.3)
+    truth = rng.exponential(1.0, (2000, 10)) * (rng.random((2000, 10)) < 0.4)
+    activations = np.maximum(truth @ basis + 0.5 * rng.standard_normal((2000, 96)) - 0.3, 0).astype(np.float32)
+    deficient = np.vstack([basis[:6], rng.random((4, 6)) @ basis[:6]])  # 10 concepts spanning 6 dimensions
+    assert np.linalg.matrix_rank(deficient) == 6
+    handed_over = []
+    torch_solver = nnls_module.solve_nnls_gram
+    monkeypatch.setattr(nnls_module, "solve_nnls_gram",
+                        lambda gram, rhs, *args, **kwargs: handed_over.append(rhs.shape[-2])
+                        or torch_solver(gram, rhs, *args, **kwargs))
+    results = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("RSVC_COMPILED_KERNELS", path)
+        handed_over.clear()
+        results[path] = [nnls(torch.from_numpy(activations), torch.from_numpy(b)).double() for b in (basis, deficient)]
+        if path == "1":
+            assert 0 < sum(handed_over) < 2000  # only the rows of the singular passive sets
+    torch.testing.assert_close(results["1"][0], results["0"][0], rtol=0, atol=1e-10 * float(results["0"][0].max()))
+    residual = [residual_norms(activations.astype(np.float64), deficient, r[1].numpy()) for r in results.values()]
+    np.testing.assert_allclose(residual[0], residual[1], rtol=RESIDUAL_RTOL)
 
 
 def test_batched_equals_one_at_a_time_and_shared_basis_broadcasts():
