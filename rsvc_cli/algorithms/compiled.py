@@ -11,7 +11,7 @@ matrices): several torch passes over the largest arrays become one or two. NNLS 
 many rows against one concept basis are the same kind of work: a 10-variable problem per row.
 
 The kernels compile on first use and are cached on disk next to this file (numba's ``cache=True``:
-about 50 s once per installation on 2 cores, about a second to load after that). ``enabled()``
+about a minute once per installation on 2 cores, about a second to load after that). ``enabled()``
 says whether they are used: numba importable and not switched off with ``RSVC_COMPILED_KERNELS=0``.
 Callers fall back to the torch code otherwise, and always on GPUs.
 """
@@ -34,6 +34,12 @@ _NNLS_ROWS_PER_BLOCK = 256
 def enabled() -> bool:
     """Whether the compiled kernels are used for CPU tensors."""
     return njit is not None and os.environ.get("RSVC_COMPILED_KERNELS", "1") != "0"
+
+
+def handles(tensor) -> bool:
+    """Whether the kernels take this tensor: enabled, on the CPU, float32 or float64 (numba reads
+    neither float16 nor bfloat16; those, and GPU tensors, stay with the torch code)."""
+    return tensor.device.type == "cpu" and str(tensor.dtype) in ("torch.float32", "torch.float64") and enabled()
 
 
 def lasso_gram(gram: np.ndarray, cross: np.ndarray, target_variance: np.ndarray, alpha: float,
@@ -152,7 +158,6 @@ def _standardized_gram_all(per_fold_xx, n_train, shifted_mean, factor, out):
             target = out[entry, fold, i]
             for j in range(n_features):
                 target[j] = ((total[j] - row[j]) - left * mean[j]) * (row_scale * scale[j])
-    return out
 
 
 @_jit(parallel=True)
@@ -196,7 +201,6 @@ def _fold_layout_all(values, source, valid, n_folds, layout, shift, fold_min, fo
                     target[j] = row[j] - layout_shift[j]
             else:
                 target[:] = 0
-    return layout
 
 
 @_jit()

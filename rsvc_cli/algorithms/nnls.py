@@ -49,8 +49,6 @@ _FULL_EXCHANGE_BUDGET = 3
 # pivot is at least the smallest eigenvalue, so a smaller one proves a condition number beyond ~1e11:
 # such matrices (a rank-deficient basis) go to pinv.
 _CHOLESKY_MIN_PIVOT = 1e-11
-# Activations the compiled CPU kernel reads directly (others, e.g. float16, take the torch path).
-_COMPILED_DTYPES = (torch.float32, torch.float64)
 
 
 def nnls(
@@ -88,7 +86,7 @@ def nnls(
     scale = torch.where(diagonal > 0, diagonal.sqrt(), torch.ones_like(diagonal))
     gram = gram / (scale[:, :, None] * scale[:, None, :])
 
-    if activations.device.type == "cpu" and activations.dtype in _COMPILED_DTYPES and compiled.enabled():
+    if compiled.handles(activations):
         coefficients = _nnls_compiled(activations, basis, gram, scale, max_iter, tol)
     else:
         rhs = _times_basis(activations, basis)

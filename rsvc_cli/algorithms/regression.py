@@ -173,7 +173,7 @@ def solve_lasso_gram(gram, cross, target_variance, alpha, max_iter, tol):
     CPU tensors go to the compiled kernel (compiled.lasso_gram, the same algorithm one problem at a
     time: about 6x faster there), others to the batched torch solver.
     """
-    if gram.device.type == "cpu" and compiled.enabled():
+    if compiled.handles(gram):
         coef, gap, n_iter = (
             torch.from_numpy(array)
             for array in compiled.lasso_gram(
@@ -569,7 +569,7 @@ def _cross_validate_chunk(X, Y, fold_of_row, n_folds, regressor, standardize) ->
     x_factor = torch.where(x_constant, 0.0, 1 / x_scale)
     y_factor = torch.where(y_constant, 0.0, 1 / y_scale)
 
-    if X.device.type == "cpu" and compiled.enabled():
+    if compiled.handles(sums.xx):
         gram = torch.from_numpy(compiled.standardized_gram(sums.xx.numpy(), denominator.numpy(),
                                                            x_mean_shifted.numpy(), x_factor.numpy()))
     else:
@@ -652,7 +652,15 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
     n_batch, n_samples, n_features = X.shape
     n_targets = Y.shape[-1]
     device = X.device
-    count, longest, source, valid = _fold_layout(fold_of_row, n_folds)
+    count = torch.nn.functional.one_hot(fold_of_row, n_folds).sum(1)  # (B, F)
+    longest = int(count.max())
+    order = torch.argsort(fold_of_row, dim=-1, stable=True)  # rows sorted by fold
+    slot = torch.arange(longest, device=device)
+    valid = slot < count.unsqueeze(-1)  # (B, F, longest)
+    # A padding slot repeats its fold's first row, so per-fold extremes are unaffected; it is
+    # zeroed (or skipped) before summing.
+    position = (torch.cumsum(count, dim=-1) - count).unsqueeze(-1) + torch.where(valid, slot, 0)
+    source = order.gather(1, position.clamp_max(n_samples - 1).reshape(n_batch, -1))  # (B, F * longest)
     valid_slot = valid.reshape(n_batch, -1)
     padding_mask = None if bool(valid.all()) else valid_slot.unsqueeze(-1)
     empty_fold = (count == 0).unsqueeze(-1)
@@ -693,24 +701,6 @@ def _per_fold_sums(X, Y, fold_of_row, n_folds):
     return sums
 
 
-def _fold_layout(fold_of_row, n_folds):
-    """Where each row goes when rows are grouped by fold into (B, F, longest fold) slots.
-
-    Returns count (B, F) rows per fold, longest, source (B, F * longest) the row that fills each
-    slot, and valid (B, F, longest). A padding slot repeats its fold's first row (so per-fold
-    extremes are unaffected); users zero or skip it.
-    """
-    n_batch, n_samples = fold_of_row.shape
-    count = torch.nn.functional.one_hot(fold_of_row, n_folds).sum(1)
-    longest = int(count.max())
-    order = torch.argsort(fold_of_row, dim=-1, stable=True)  # rows sorted by fold
-    slot = torch.arange(longest, device=fold_of_row.device)
-    valid = slot < count.unsqueeze(-1)
-    position = (torch.cumsum(count, dim=-1) - count).unsqueeze(-1) + torch.where(valid, slot, 0)
-    source = order.gather(1, position.clamp_max(n_samples - 1).reshape(n_batch, -1))
-    return count, longest, source, valid
-
-
 def _product_dtype(X):
     """The dtype of the big products over activations: float64 inputs stay float64, anything else
     (float32 or float16 activations) is multiplied in float32."""
@@ -742,7 +732,7 @@ class _LayoutBuffers:
     def fill(self, values, source, valid, padding_mask, empty_fold, out_shift, out_min, out_max):
         n = values.shape[0]
         layout = self.layout[:n]
-        if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and compiled.enabled():
+        if compiled.handles(values):
             compiled.fold_layout(values.numpy(), source.numpy(), valid.numpy(), self.n_folds, layout.numpy(),
                                  out_shift.numpy(), out_min.numpy(), out_max.numpy())
             return layout.view(n, self.n_folds, self.longest, -1)
