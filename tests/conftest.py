@@ -56,3 +56,15 @@ def compose(stage: str, *overrides: str):
 @pytest.fixture
 def store(tmp_path) -> Path:
     return tmp_path / "store"
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def solver_path(request, monkeypatch):
+    """Runs a test on both paths: the compiled CPU kernels (lasso and its cross-validation passes,
+    NNLS, the NMF's HALS sweeps) and the torch code GPUs run."""
+    from rsvc_cli.algorithms import compiled
+
+    if request.param == "compiled" and not compiled.enabled():
+        pytest.fail("numba is missing: the compiled kernels are a dependency of rsvc")
+    monkeypatch.setenv("RSVC_COMPILED_KERNELS", "1" if request.param == "compiled" else "0")
+    return request.param

@@ -8,7 +8,10 @@ in cache, and the problems are spread over the cores (``prange``). Same algorith
 rules, same results to rounding: the tests run both paths on the same inputs. Two passes of the
 cross-validation's statistics are fused here too (rows grouped by fold, the standardized Gram
 matrices): several torch passes over the largest arrays become one or two. NNLS coefficients of
-many rows against one concept basis are the same kind of work: a 10-variable problem per row.
+many rows against one concept basis are the same kind of work: a 10-variable problem per row. So
+are the NMF's HALS sweeps: the update of one column of a factor (one sample's coefficients, one
+feature's basis weights) never reads another column, so each block of columns runs all its concept
+updates in cache, in place of one tensor operation per concept over the whole batch.
 
 The kernels compile on first use and are cached on disk next to this file (numba's ``cache=True``:
 about a minute once per installation on 2 cores, about a second to load after that). ``enabled()``
@@ -29,6 +32,8 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps a br
 
 # NNLS rows per parallel task.
 _NNLS_ROWS_PER_BLOCK = 256
+# Columns per parallel task of the NMF's HALS sweeps: a block's gradient row stays in L1.
+_HALS_COLUMNS_PER_BLOCK = 512
 
 
 def enabled() -> bool:
@@ -110,6 +115,23 @@ def nnls_rows(activations: np.ndarray, basis: np.ndarray, scale: np.ndarray, gra
     _nnls_rows(activations, np.ascontiguousarray(basis), scale, gram, gram_pinv, int(max_iter), float(tol),
                int(full_exchange_budget), float(min_pivot), coefficients, rhs, still_open)
     return coefficients, rhs, still_open
+
+
+def hals_sweeps(factor: np.ndarray, gram: np.ndarray, cross: np.ndarray, n_sweeps: int) -> np.ndarray:
+    """``n_sweeps`` HALS sweeps of a concept-major factor (B, k, m), in place; see
+    decomposition._coordinate_descent_sweep (the same updates in the same order per column).
+
+    Per sweep and concept t: factor[t] <- max(0, factor[t] - (gram[t] @ factor - cross[t]) / gram[t, t]),
+    a concept with gram[t, t] = 0 left as it is. ``gram`` (B, k, k) and ``cross`` (B, k, m) have the
+    factor's dtype. Returns scikit-learn's violation of the first sweep, the summed |projected
+    gradient| per batch entry (float64).
+    """
+    n_batch, _, n_columns = factor.shape
+    n_blocks = (n_columns + _HALS_COLUMNS_PER_BLOCK - 1) // _HALS_COLUMNS_PER_BLOCK
+    violation = np.zeros((n_batch, n_blocks))
+    _hals_all(factor, np.ascontiguousarray(gram), np.ascontiguousarray(cross), int(n_sweeps), violation)
+    # Summed per entry in a fixed order: the result does not depend on how tasks met the threads.
+    return violation.sum(axis=1)
 
 
 def _jit(parallel=False, fastmath=False, inline="never"):
@@ -383,6 +405,48 @@ def _nnls_rows(activations, basis, scale, gram, gram_pinv, max_iter, tol, budget
             still_open[row] = not _nnls_one(gram, gram_pinv, b, max_iter, tol, budget, min_pivot, index, passive,
                                             infeasible, x, system, solution)
             coefficients[row] = x
+
+
+@_jit(parallel=True)
+def _hals_all(factor, gram, cross, n_sweeps, violation):
+    n_batch, n_concepts, n_columns = factor.shape
+    n_blocks = violation.shape[1]
+    for task in prange(n_batch * n_blocks):
+        entry = task // n_blocks
+        block = task - entry * n_blocks
+        start = block * _HALS_COLUMNS_PER_BLOCK
+        width = min(n_columns, start + _HALS_COLUMNS_PER_BLOCK) - start
+        gradient = np.empty(width, dtype=factor.dtype)
+        total = 0.0
+        for sweep in range(n_sweeps):
+            for t in range(n_concepts):
+                _hals_gradient(factor[entry, :, start:start + width], gram[entry, t],
+                               cross[entry, t, start:start + width], gradient)
+                row = factor[entry, t, start:start + width]
+                if sweep == 0:
+                    # |projected gradient|: the gradient, but only its negative part where the entry is 0.
+                    for j in range(width):
+                        g = gradient[j]
+                        total += abs(g) if row[j] > 0 else max(-g, 0.0)
+                curvature = gram[entry, t, t]
+                if curvature > 0:  # a concept with zero curvature (all zeros) stays as it is
+                    for j in range(width):
+                        value = row[j] - gradient[j] / curvature
+                        row[j] = value if value > 0 else 0
+        violation[entry, block] = total
+
+
+@_jit(fastmath={"contract"}, inline="always")
+def _hals_gradient(factor, gram_row, cross_row, out):
+    """out = gram_row @ factor - cross_row over a block of columns, concept by concept, so that
+    each pass runs along contiguous rows."""
+    for j in range(out.shape[0]):
+        out[j] = -cross_row[j]
+    for s in range(factor.shape[0]):
+        weight = gram_row[s]
+        source = factor[s]
+        for j in range(out.shape[0]):
+            out[j] += weight * source[j]
 
 
 @_jit(fastmath={"reassoc", "contract"})

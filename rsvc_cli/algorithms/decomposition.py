@@ -24,6 +24,7 @@ import numbers
 
 import torch
 
+from rsvc_cli.algorithms import compiled
 from rsvc_cli.algorithms.nnls import nnls
 from rsvc_cli.errors import RsvcError
 
@@ -447,16 +448,12 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
         # W A^T is (B, k, n), the concept-major layout of U^T, and the fastest form of this product.
         gram, cross = ahead_basis @ ahead_basis.mT, ahead_basis @ activations.mT
         previous_t, coefficients_t = coefficients_t, ahead_t
-        violation = _coordinate_descent_sweep(coefficients_t, gram, cross, track_violation=True)
-        for _ in range(_INNER_SWEEPS - 1):
-            _coordinate_descent_sweep(coefficients_t, gram, cross)
+        violation = _hals_sweeps(coefficients_t, gram, cross)
         ahead_t = torch.addcmul(coefficients_t, step, coefficients_t - previous_t).clamp_(min=0)
         # W step: gradient in W is (U^T U) W - U^T A.
         gram, cross = ahead_t @ ahead_t.mT, ahead_t @ activations
         previous_basis, concept_basis = concept_basis, ahead_basis
-        violation += _coordinate_descent_sweep(concept_basis, gram, cross, track_violation=True)
-        for _ in range(_INNER_SWEEPS - 1):
-            _coordinate_descent_sweep(concept_basis, gram, cross)
+        violation += _hals_sweeps(concept_basis, gram, cross)
         ahead_basis = torch.addcmul(concept_basis, step, concept_basis - previous_basis).clamp_(min=0)
         # ||A - U_ahead W||^2 from the products at hand: ||A||^2 - 2 <W, U^T A> + <U^T U, W W^T>.
         error = (
@@ -486,9 +483,25 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
     coefficients_t, concept_basis = tracker.finish((coefficients_t, concept_basis), iteration)
     # The basis was last fitted against the extrapolated coefficients: update U against it.
     gram, cross = concept_basis @ concept_basis.mT, concept_basis @ all_activations.mT
-    for _ in range(_INNER_SWEEPS):
-        _coordinate_descent_sweep(coefficients_t, gram, cross)
+    _hals_sweeps(coefficients_t, gram, cross)
     return coefficients_t.mT.contiguous(), concept_basis, tracker.n_iter
+
+
+def _hals_sweeps(factor, gram, cross):
+    """``_INNER_SWEEPS`` HALS sweeps of ``factor`` in place; returns the violation of the first.
+
+    On CPUs a compiled kernel runs them (compiled.hals_sweeps): each column's updates are
+    independent of the other columns', so it works through blocks of columns in cache instead of
+    making one pass over the whole batch per concept (2-3 small tensor operations each, over 40
+    per sweep at k = 10). GPUs, and CPUs without the kernels, take the torch sweeps below.
+    """
+    if compiled.handles(factor) and factor.is_contiguous():
+        violation = compiled.hals_sweeps(factor.numpy(), gram.numpy(), cross.numpy(), _INNER_SWEEPS)
+        return torch.from_numpy(violation)
+    violation = _coordinate_descent_sweep(factor, gram, cross, track_violation=True)
+    for _ in range(_INNER_SWEEPS - 1):
+        _coordinate_descent_sweep(factor, gram, cross)
+    return violation
 
 
 def _coordinate_descent_sweep(factor, gram, cross, track_violation=False):

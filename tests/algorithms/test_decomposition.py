@@ -58,7 +58,7 @@ def sklearn_nmf_error(activations, n_concepts, max_iter=200):
     ids=["random", "planted", "planted_noisy"],
 )
 @pytest.mark.parametrize("seed", [0, 1])
-def test_nmf_reconstruction_matches_sklearn(make_data, seed):
+def test_nmf_reconstruction_matches_sklearn(make_data, seed, solver_path):
     activations = make_data(seed)
     ours = NMF(n_concepts=5, init="nndsvd", max_iter=200, seed=0).fit(torch.from_numpy(activations))
     reference = sklearn_nmf_error(activations, 5)
@@ -70,14 +70,14 @@ def test_nmf_reconstruction_matches_sklearn(make_data, seed):
     assert (ours.coefficients_ >= 0).all() and (ours.concept_basis_ >= 0).all()
 
 
-def test_nmf_recovers_planted_low_rank_matrix():
+def test_nmf_recovers_planted_low_rank_matrix(solver_path):
     activations = planted_low_rank(2)
     ours = NMF(n_concepts=5, max_iter=500, tol=1e-8).fit(torch.from_numpy(activations))
     assert float(ours.reconstruction_error_) < 1e-3 * np.linalg.norm(activations)
 
 
 @pytest.mark.parametrize("init", ["nndsvd", "nndsvda", "nndsvdar"])
-def test_nmf_is_deterministic_for_a_seed(init):
+def test_nmf_is_deterministic_for_a_seed(init, solver_path):
     activations = torch.from_numpy(random_nonnegative(3))
     first = NMF(4, init=init, max_iter=50, seed=7).fit(activations)
     second = NMF(4, init=init, max_iter=50, seed=7).fit(activations)
@@ -85,7 +85,7 @@ def test_nmf_is_deterministic_for_a_seed(init):
     assert torch.equal(first.coefficients_, second.coefficients_)
 
 
-def test_nmf_batch_entries_are_independent():
+def test_nmf_batch_entries_are_independent(solver_path):
     data = np.stack([random_nonnegative(4), planted_low_rank(5), random_nonnegative(6)])
     batched = NMF(4, max_iter=40).fit(torch.from_numpy(data))
     assert batched.concept_basis_.shape == (3, 4, 40)
@@ -97,7 +97,7 @@ def test_nmf_batch_entries_are_independent():
         torch.testing.assert_close(batched.concept_basis_[index], alone.concept_basis_, rtol=1e-6, atol=1e-9)
 
 
-def test_nmf_transform_of_training_data_matches_fitted_coefficients():
+def test_nmf_transform_of_training_data_matches_fitted_coefficients(solver_path):
     activations = torch.from_numpy(planted_low_rank(7, noise=0.01))
     model = NMF(5, max_iter=400, tol=1e-6).fit(activations)
     coefficients = model.transform(activations)
@@ -105,6 +105,33 @@ def test_nmf_transform_of_training_data_matches_fitted_coefficients():
     assert float(difference) < TRANSFORM_RTOL
     rebuilt = model.inverse_transform(coefficients)
     assert rebuilt.shape == activations.shape
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_compiled_and_torch_hals_sweeps_agree(dtype, tolerance, monkeypatch):
+    """The compiled kernel makes the torch sweeps' updates in the same order: the same factor to
+    rounding and the same violation, over several column blocks, a concept stuck at zero (zero
+    curvature: left as it is) and entries whose updates hit the bound."""
+    from rsvc_cli.algorithms import compiled, decomposition
+
+    assert compiled.enabled(), "numba is missing: the compiled kernels are a dependency of rsvc"
+    rng = np.random.default_rng(10)
+    activations = torch.from_numpy(rng.exponential(1.0, (3, 1300, 24))).to(dtype)
+    basis = torch.from_numpy(rng.exponential(1.0, (3, 6, 24)) * (rng.random((3, 6, 24)) < 0.5)).to(dtype)
+    basis[1, 2] = 0
+    factor = torch.from_numpy(rng.exponential(1.0, (3, 6, 1300))).to(dtype)
+    gram, cross = basis @ basis.mT, basis @ activations.mT
+    results = {}
+    for path in ("1", "0"):
+        monkeypatch.setenv("RSVC_COMPILED_KERNELS", path)
+        updated = factor.clone()
+        violation = decomposition._hals_sweeps(updated, gram, cross)
+        results[path] = updated, violation
+    (compiled_factor, compiled_violation), (torch_factor, torch_violation) = results["1"], results["0"]
+    assert (torch_factor == 0).float().mean() > 0.1 and torch.equal(torch_factor[1, 2], factor[1, 2])
+    scale = float(torch_factor.abs().max())
+    torch.testing.assert_close(compiled_factor, torch_factor, rtol=0, atol=tolerance * scale)
+    torch.testing.assert_close(compiled_violation, torch_violation, rtol=tolerance, atol=0)
 
 
 def test_nmf_refuses_bad_input_with_a_fix():

@@ -16,16 +16,9 @@ RELATIVE_TOL = 1e-5
 RESIDUAL_RTOL = 1e-9
 
 
-@pytest.fixture(autouse=True, params=["compiled", "torch"])
-def solver_path(request, monkeypatch):
-    """Every test runs on both paths: the compiled CPU kernel (rows it cannot finish go to the torch
-    solver) and the torch solver alone, as on GPUs."""
-    from rsvc_cli.algorithms import compiled
-
-    if request.param == "compiled":
-        assert compiled.enabled(), "numba is missing: the compiled kernels are a dependency of rsvc"
-    monkeypatch.setenv("RSVC_COMPILED_KERNELS", "1" if request.param == "compiled" else "0")
-    return request.param
+# Every test runs on both paths: the compiled CPU kernel (rows it cannot finish go to the torch
+# solver) and the torch solver alone, as on GPUs.
+pytestmark = pytest.mark.usefixtures("solver_path")
 
 
 def scipy_rows(activations, basis):

@@ -29,18 +29,6 @@ COEF_ATOL = 1e-8
 FLOAT32_PREDICTION_RTOL = 1e-5
 
 
-@pytest.fixture(params=["compiled", "batched"])
-def solver_path(request, monkeypatch):
-    """Runs a test on both paths: the compiled CPU kernels (lasso, fold layout, standardized Gram
-    matrices) and the torch code GPUs run."""
-    from rsvc_cli.algorithms import compiled
-
-    if request.param == "compiled" and not compiled.enabled():
-        pytest.fail("numba is missing: the compiled kernels are a dependency of rsvc")
-    monkeypatch.setenv("RSVC_COMPILED_KERNELS", "1" if request.param == "compiled" else "0")
-    return request.param
-
-
 def lasso_objective(X, y, coef, intercept, alpha):
     return 0.5 * np.mean((y - X @ coef - intercept) ** 2) + alpha * np.abs(coef).sum()
 
