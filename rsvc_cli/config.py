@@ -81,6 +81,10 @@ class ModelConfig:
     _target_: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
     num_classes: Optional[int] = None
+    # The class each output stands for, in output order: a list of names or a text file with one per
+    # line (dataset.group_by=predicted reads predictions through it). null: an rsvc-trained model's
+    # training classes, else the class folders of dataset.root in sorted order.
+    output_classes: Optional[Any] = None
     # ViT token outputs: the CLS token where the model has one, or the mean of patch tokens.
     token_reduce: str = "cls"
     # Preprocessing overrides; null = the model's own (timm pretrained config or built-in).

@@ -144,6 +144,9 @@ class ImageFolderSource:
                 problem=f"Dataset folder {self.root} has no class folders{hint}.",
                 fix="Put the images in one sub-folder per class (root/<class>/<image>), the ImageNet layout.",
             )
+        # Every class folder, sorted: how torchvision's ImageFolder numbers classes, and so the output
+        # order of models trained on such a tree (stages.common.class_outputs).
+        self.folder_names = available
         if self.classes is None:
             return available
         duplicates = sorted({name for name in self.classes if self.classes.count(name) > 1})

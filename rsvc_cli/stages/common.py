@@ -59,6 +59,9 @@ class ModelHandle:
     mean: tuple
     std: tuple
     token_reduce: str
+    # The class each output stands for (model.output_classes, or a trained model's training classes);
+    # None: the dataset's convention (class_outputs).
+    output_classes: list[str] | None = None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -85,6 +88,8 @@ def load_model(model_cfg, run_cfg=None) -> ModelHandle:
         # The seeds behind those weights (initialization, image selection, training order) are
         # hashed into that key; named here they reach every downstream artifact's `seeds`.
         handle.identity["train_seeds"] = seeds_in(content)
+        if handle.output_classes is None:
+            handle.output_classes = list(make_source(to_plain(model_cfg.train.dataset)).class_names)
         return handle
     return load_untrained_model(model_cfg)
 
@@ -126,7 +131,60 @@ def load_untrained_model(model_cfg, checkpoint: str | None = None, init_seed: in
         "token_reduce": m["token_reduce"],
     }
     return ModelHandle(loaded=loaded, identity=identity, input_size=input_size, mean=mean, std=std,
-                       token_reduce=m["token_reduce"])
+                       token_reduce=m["token_reduce"], output_classes=_read_output_classes(m.get("output_classes")))
+
+
+def _read_output_classes(spec) -> list[str] | None:
+    """model.output_classes: None, a list of class names, or a text file with one name per line."""
+    if spec is None:
+        return None
+    if isinstance(spec, (list, tuple)):
+        names = [str(name) for name in spec]
+    else:
+        path = Path(str(spec)).expanduser()
+        try:
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise RsvcError(f"model.output_classes={spec} cannot be read ({err.strerror or err}).",
+                            "Give a list of class names (model.output_classes=[cat,dog,...]) or a text file with "
+                            "one class name per line, in the order of the model's outputs.") from None
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if not names or duplicates:
+        problem = "is empty" if not names else f"names {', '.join(duplicates)} more than once"
+        raise RsvcError(f"model.output_classes {problem}.",
+                        "List each of the model's classes once, in the order of its outputs.")
+    return names
+
+
+def class_outputs(model: ModelHandle, images: ImageSets) -> np.ndarray:
+    """The model output that stands for each compared class (images.class_names order), -1 for a class
+    the model has no output for.
+
+    Outputs are named by model.output_classes (or an rsvc-trained model's training classes), else by
+    the class folders of dataset.root in sorted order, all of them even where dataset.classes picks a
+    few: how torchvision's ImageFolder numbers classes, and so how CIFAR-10 and ImageNet models were
+    trained. A model's output index is never a class's position among the compared classes.
+    """
+    names, source_of_names = model.output_classes, f"{model.label}'s model.output_classes"
+    if names is None:
+        names = list(getattr(images.source, "folder_names", images.class_names))
+        source_of_names = "the sorted class folders of dataset.root"
+    n_outputs = int(model.loaded.num_classes)
+    if len(names) != n_outputs:
+        raise RsvcError(f"dataset.group_by=predicted reads {model.label}'s {n_outputs} outputs as classes, but "
+                        f"{source_of_names} give {len(names)} class names.",
+                        f"Set model.output_classes (model1./model2. in a comparison) to the {n_outputs} class names of "
+                        "the model's outputs in order (a list or a text file with one per line), or use "
+                        "dataset.group_by=label.")
+    output_of = {name: i for i, name in enumerate(names)}
+    outputs = np.array([output_of.get(name, -1) for name in images.class_names], dtype=np.int64)
+    if (outputs < 0).all():
+        raise RsvcError(f"None of the compared classes ({', '.join(images.class_names[:5])}...) is among "
+                        f"{model.label}'s output classes ({', '.join(names[:5])}...), so no image can be grouped "
+                        "by its prediction.",
+                        "Set model.output_classes to the model's class names in output order, or use "
+                        "dataset.group_by=label.")
+    return outputs
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -307,8 +365,9 @@ def predictions_content(model: ModelHandle, images: ImageSets) -> dict:
 
 
 def predicted_classes_for(model: ModelHandle, images: ImageSets, cfg) -> np.ndarray:
-    """The model's predicted class of every selected image (squares painted where planted), (n_images,)
-    in image order, from the store or made now by a pass over the whole images.
+    """The model's predicted output (its argmax) on every selected image (squares painted where planted),
+    (n_images,) in image order, from the store or made now by a pass over the whole images. Output
+    indices, not class positions: `predicted_class_positions` translates them.
 
     Only dataset.group_by=predicted needs them, so they are an artifact of their own rather than a
     second pass in every extraction (whole images were 1 in 17 of its inputs).
@@ -327,6 +386,16 @@ def predicted_classes_for(model: ModelHandle, images: ImageSets, cfg) -> np.ndar
     path = produce(store_dir(cfg), "predictions", model.label, content, write)
     with open_artifact(path, "predictions", content) as f:
         return f["predicted_class"][()]
+
+
+def predicted_class_positions(model: ModelHandle, images: ImageSets, cfg) -> np.ndarray:
+    """Each selected image's predicted class as a position in images.class_names (the labels' numbering),
+    -1 where the model predicts a class that is not compared; (n_images,) in image order."""
+    outputs = class_outputs(model, images)
+    position_of_output = np.full(int(model.loaded.num_classes), -1, dtype=np.int64)
+    compared = np.flatnonzero(outputs >= 0)
+    position_of_output[outputs[compared]] = compared
+    return position_of_output[predicted_classes_for(model, images, cfg)]
 
 
 def check_finite(array, what: str) -> None:

@@ -20,12 +20,13 @@ from rsvc_cli.store.keys import stage_content
 from rsvc_cli.stages.common import (
     ImageSets,
     ModelHandle,
+    class_outputs,
     activations_content,
     check_finite,
     load_image_sets,
     load_model,
     patch_geometry,
-    predicted_classes_for,
+    predicted_class_positions,
     produce,
     resolve_device,
     store_dir,
@@ -80,13 +81,15 @@ def decomposition_params(cfg) -> dict:
     return {k: d[k] for k in ("method", "n_concepts", "init", "max_iter", "tol", "seed", "signed", "per_class")}
 
 
-def concepts_content(act_content: dict, decomposition: dict, group_by: str) -> dict:
-    return stage_content("concepts", activations=act_content, decomposition=decomposition, group_by=group_by)
+def concepts_content(act_content: dict, decomposition: dict, group_by: str, class_outputs=None) -> dict:
+    """``class_outputs``: with group_by=predicted, the model output read as each class (`common.class_outputs`)."""
+    fields = {"class_outputs": [int(v) for v in class_outputs]} if group_by == "predicted" else {}
+    return stage_content("concepts", activations=act_content, decomposition=decomposition, group_by=group_by, **fields)
 
 
 def class_of_patch(acts: Activations, group_by: str, predicted_of_image: np.ndarray | None = None) -> np.ndarray:
     """The class each patch is grouped under for fitting concepts: its label, or the model's prediction
-    on its whole image (``predicted_of_image``, per image row: `common.predicted_classes_for`)."""
+    on its whole image (``predicted_of_image``, per image row: `common.predicted_class_positions`)."""
     if group_by == "label":
         return acts.label
     if group_by == "predicted":
@@ -95,17 +98,19 @@ def class_of_patch(acts: Activations, group_by: str, predicted_of_image: np.ndar
 
 
 def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activations=None) -> Path:
+    group_by = str(cfg.dataset.group_by)
+    # First, so that a model whose outputs cannot be read as classes stops before any extraction.
+    outputs = class_outputs(model, images) if group_by == "predicted" else None
     act_path, act_content = activations if activations is not None else activations_for(model, images, cfg, layer)
     params = decomposition_params(cfg)
-    group_by = str(cfg.dataset.group_by)
-    content = concepts_content(act_content, params, group_by)
+    content = concepts_content(act_content, params, group_by, outputs)
     device = resolve_device(cfg.device)
 
     def write(f):
         acts = read_activations(act_path, act_content)
         check_finite(acts.values, f"The activations of {model.label} at {layer}")
         check_varies(acts.values[acts.image_set == CONCEPT_SET], f"The activations of {model.label} at {layer}")
-        predicted = predicted_classes_for(model, images, cfg) if group_by == "predicted" else None
+        predicted = predicted_class_positions(model, images, cfg) if group_by == "predicted" else None
         fitted = fit_concepts(acts, params, group_by, device, predicted)
         f.attrs["per_class"] = bool(params["per_class"])
         f.attrs["signed"] = params["signed"]

@@ -89,6 +89,77 @@ def test_grouping_by_predicted_class_uses_each_models_whole_image_predictions(st
         np.testing.assert_array_equal(entry["evaluation_rows"], np.nonzero((acts.image_set == EVALUATION_SET) & either)[0])
 
 
+@pytest.mark.slow
+def test_grouping_by_prediction_reads_model_outputs_as_classes_of_the_root(store, shared_dir):
+    """With a subset of classes in another order, a class is grouped by the model output that stands for
+    it (its place among all class folders of the root, sorted), not by its position in dataset.classes."""
+    from rsvc_cli.stages.common import class_outputs, predicted_class_positions, predicted_classes_for
+    from rsvc_cli.stages.decompose import CONCEPT_SET, EVALUATION_SET, read_activations
+    from rsvc_cli.stages.regress import read_regression, regression_content, regression_params
+
+    cfg = compose("regress", "dataset=cifar10", f"dataset.root={CIFAR_TEST}", "dataset.classes=[dog,cat]",
+                  "dataset.images_per_class=20", "dataset.group_by=predicted", "model1=cifar_resnet20",
+                  "model2=cifar_resnet56", f"model1.checkpoint={R20}", f"model2.checkpoint={R56}",
+                  "decomposition.n_concepts=2", "regression.n_folds=2", f"store={store}")
+    pair = prepare_pair(cfg)
+    path = regress(pair, cfg)
+    assert class_outputs(pair.model1, pair.images).tolist() == [5, 3]  # CIFAR-10: cat 3, dog 5
+    outputs = predicted_classes_for(pair.model1, pair.images, cfg)
+    positions = predicted_class_positions(pair.model1, pair.images, cfg)
+    np.testing.assert_array_equal(positions, np.select([outputs == 5, outputs == 3], [0, 1], -1))
+    # The models call most dogs dogs and most cats cats (25 of these 40 images; they confuse the two):
+    # read as positions in dataset.classes, the outputs would name airplanes and automobiles instead.
+    assert (positions == pair.images.label).mean() > 0.5
+    acts = read_activations(*pair.activations1)
+    with h5py.File(pair.concepts1[0], "r") as f:
+        fitted_rows = {name: g["rows"][()] for name, g in f["classes"].items()}
+    for c, name in enumerate(acts.class_names):
+        expected = np.nonzero((acts.image_set == CONCEPT_SET) & (positions[acts.image_row] == c))[0]
+        assert len(expected) > 0
+        np.testing.assert_array_equal(fitted_rows[name], expected)
+    positions2 = predicted_class_positions(pair.model2, pair.images, cfg)
+    result = read_regression(path, regression_content(pair, regression_params(cfg), "predicted"))
+    for name, entry in result.classes.items():
+        c = acts.class_names.index(name)
+        either = (positions[acts.image_row] == c) | (positions2[acts.image_row] == c)
+        np.testing.assert_array_equal(entry["evaluation_rows"], np.nonzero((acts.image_set == EVALUATION_SET) & either)[0])
+
+
+def test_model_output_classes_name_the_outputs_or_stop_with_a_fix(tmp_path):
+    from rsvc_cli.stages.common import class_outputs, load_image_sets, load_model
+
+    base = ["dataset=cifar10", f"dataset.root={CIFAR_TEST}", "dataset.classes=[dog,cat]", "dataset.images_per_class=5",
+            f"model.checkpoint={R20}"]
+
+    def outputs(*overrides):
+        cfg = compose("extract", *base, *overrides)
+        return class_outputs(load_model(cfg.model, cfg), load_image_sets(cfg.dataset))
+
+    assert outputs().tolist() == [5, 3]
+    folders = sorted(p.name for p in CIFAR_TEST.iterdir() if p.is_dir())
+    listing = tmp_path / "classes.txt"
+    listing.write_text("\n".join(reversed(folders)) + "\n")
+    assert outputs(f"model.output_classes={listing}").tolist() == [4, 6]
+    assert outputs("model.output_classes=[a,b,c,d,e,f,g,h,cat,dog]").tolist() == [9, 8]
+    with pytest.raises(RsvcError, match="10 outputs") as error:
+        outputs("model.output_classes=[cat,dog]")
+    assert "model.output_classes" in error.value.fix
+    with pytest.raises(RsvcError, match="None of the compared classes"):
+        outputs("model.output_classes=[a,b,c,d,e,f,g,h,i,j]")
+    with pytest.raises(RsvcError, match="cannot be read"):
+        outputs(f"model.output_classes={tmp_path / 'missing.txt'}")
+    with pytest.raises(RsvcError, match="more than once"):
+        outputs("model.output_classes=[a,a,c,d,e,f,g,h,cat,dog]")
+    # A model whose outputs cannot be read as classes stops a run before anything is extracted.
+    from rsvc_cli.stages import decompose
+
+    store = tmp_path / "store"
+    with pytest.raises(RsvcError, match="10 outputs"):
+        decompose.run(compose("decompose", *base, "dataset.group_by=predicted", "model.output_classes=[cat,dog]",
+                              f"store={store}"))
+    assert not store.exists()
+
+
 def test_misaligned_patches_are_refused(store):
     base = ["model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3", "dataset.n_classes=2",
             "dataset.images_per_class=10", "decomposition.n_concepts=3", f"store={store}"]
