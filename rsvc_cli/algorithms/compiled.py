@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps a br
 
 # NNLS rows per parallel task.
 _NNLS_ROWS_PER_BLOCK = 256
-# Columns per parallel task of the NMF's HALS sweeps: a block's gradient row stays in L1.
+# Columns per parallel task of the NMF's HALS sweeps: a block's buffers (2 k + 1 rows) stay in L2.
 _HALS_COLUMNS_PER_BLOCK = 512
 
 

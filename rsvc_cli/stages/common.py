@@ -59,9 +59,10 @@ class ModelHandle:
     mean: tuple
     std: tuple
     token_reduce: str
-    # The class each output stands for (model.output_classes, or a trained model's training classes);
-    # None: the dataset's convention (class_outputs).
+    # The class each output stands for: model.output_classes, or for weights rsvc trained the training
+    # classes (filled in by class_outputs when a grouping first needs them); None: see class_outputs.
     output_classes: list[str] | None = None
+    training_dataset: dict | None = None  # the config of the images rsvc trained the weights on
 
     @property
     def module(self) -> torch.nn.Module:
@@ -88,8 +89,7 @@ def load_model(model_cfg, run_cfg=None) -> ModelHandle:
         # The seeds behind those weights (initialization, image selection, training order) are
         # hashed into that key; named here they reach every downstream artifact's `seeds`.
         handle.identity["train_seeds"] = seeds_in(content)
-        if handle.output_classes is None:
-            handle.output_classes = list(make_source(to_plain(model_cfg.train.dataset)).class_names)
+        handle.training_dataset = to_plain(model_cfg.train.dataset)
         return handle
     return load_untrained_model(model_cfg)
 
@@ -166,6 +166,10 @@ def class_outputs(model: ModelHandle, images: ImageSets) -> np.ndarray:
     trained. A model's output index is never a class's position among the compared classes.
     """
     names, source_of_names = model.output_classes, f"{model.label}'s model.output_classes"
+    if names is None and model.training_dataset is not None:
+        # Listing a training tree reads every file name: once per model.
+        names = model.output_classes = list(make_source(model.training_dataset).class_names)
+        source_of_names = "its training classes"
     if names is None:
         names = list(getattr(images.source, "folder_names", images.class_names))
         source_of_names = "the sorted class folders of dataset.root"

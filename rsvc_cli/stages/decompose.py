@@ -20,9 +20,9 @@ from rsvc_cli.store.keys import stage_content
 from rsvc_cli.stages.common import (
     ImageSets,
     ModelHandle,
-    class_outputs,
     activations_content,
     check_finite,
+    class_outputs,
     load_image_sets,
     load_model,
     patch_geometry,
@@ -81,10 +81,20 @@ def decomposition_params(cfg) -> dict:
     return {k: d[k] for k in ("method", "n_concepts", "init", "max_iter", "tol", "seed", "signed", "per_class")}
 
 
-def concepts_content(act_content: dict, decomposition: dict, group_by: str, class_outputs=None) -> dict:
-    """``class_outputs``: with group_by=predicted, the model output read as each class (`common.class_outputs`)."""
-    fields = {"class_outputs": [int(v) for v in class_outputs]} if group_by == "predicted" else {}
-    return stage_content("concepts", activations=act_content, decomposition=decomposition, group_by=group_by, **fields)
+def check_grouping(model: ModelHandle, images: ImageSets, cfg) -> None:
+    """Stops a run before any extraction where dataset.group_by=predicted cannot read the model's
+    outputs as the compared classes (`common.class_outputs` says why and what to set)."""
+    if str(cfg.dataset.group_by) == "predicted":
+        class_outputs(model, images)
+
+
+def concepts_content(model: ModelHandle, images: ImageSets, cfg, act_content: dict) -> dict:
+    """The content config of a model's concepts. With dataset.group_by=predicted it holds the output
+    read as each class (`common.class_outputs`): that reading decides which patches a class gets."""
+    group_by = str(cfg.dataset.group_by)
+    fields = {"class_outputs": class_outputs(model, images).tolist()} if group_by == "predicted" else {}
+    return stage_content("concepts", activations=act_content, decomposition=decomposition_params(cfg),
+                         group_by=group_by, **fields)
 
 
 def class_of_patch(acts: Activations, group_by: str, predicted_of_image: np.ndarray | None = None) -> np.ndarray:
@@ -98,12 +108,11 @@ def class_of_patch(acts: Activations, group_by: str, predicted_of_image: np.ndar
 
 
 def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activations=None) -> Path:
-    group_by = str(cfg.dataset.group_by)
-    # First, so that a model whose outputs cannot be read as classes stops before any extraction.
-    outputs = class_outputs(model, images) if group_by == "predicted" else None
+    check_grouping(model, images, cfg)
     act_path, act_content = activations if activations is not None else activations_for(model, images, cfg, layer)
     params = decomposition_params(cfg)
-    content = concepts_content(act_content, params, group_by, outputs)
+    group_by = str(cfg.dataset.group_by)
+    content = concepts_content(model, images, cfg, act_content)
     device = resolve_device(cfg.device)
 
     def write(f):

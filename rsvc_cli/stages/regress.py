@@ -21,7 +21,6 @@ from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
 from rsvc_cli.store.keys import stage_content
 from rsvc_cli.stages.common import (
     ImageSets,
-    class_outputs,
     load_image_sets,
     load_model,
     predicted_class_positions,
@@ -35,10 +34,10 @@ from rsvc_cli.stages.decompose import (
     REGRESSION_SET,
     Activations,
     activations_for,
+    check_grouping,
     coefficients_of,
     concepts_content,
     decompose,
-    decomposition_params,
     read_activations,
     read_concepts,
 )
@@ -71,16 +70,13 @@ def prepare_pair(cfg) -> Pair:
     model1, model2 = load_model(cfg.model1, cfg), load_model(cfg.model2, cfg)
     images = load_image_sets(cfg.dataset)
     layer1, layer2 = str(cfg.layer1), str(cfg.layer2)
-    group_by = str(cfg.dataset.group_by)
-    # Before any extraction: a model whose outputs cannot be read as classes stops here.
-    outputs1, outputs2 = ((class_outputs(m, images) for m in (model1, model2)) if group_by == "predicted"
-                          else (None, None))
+    for model in (model1, model2):
+        check_grouping(model, images, cfg)
     # Every layer a sweep needs from a model is recorded in one pass (extract_layers1/2).
     acts1 = activations_for(model1, images, cfg, layer1, extra_layers=list(cfg.extract_layers1))
     acts2 = activations_for(model2, images, cfg, layer2, extra_layers=list(cfg.extract_layers2))
-    params = decomposition_params(cfg)
-    c1 = (decompose(model1, images, cfg, layer1, activations=acts1), concepts_content(acts1[1], params, group_by, outputs1))
-    c2 = (decompose(model2, images, cfg, layer2, activations=acts2), concepts_content(acts2[1], params, group_by, outputs2))
+    c1 = (decompose(model1, images, cfg, layer1, activations=acts1), concepts_content(model1, images, cfg, acts1[1]))
+    c2 = (decompose(model2, images, cfg, layer2, activations=acts2), concepts_content(model2, images, cfg, acts2[1]))
     return Pair(model1, model2, images, layer1, layer2, acts1, acts2, c1, c2)
 
 

@@ -141,6 +141,12 @@ def test_model_output_classes_name_the_outputs_or_stop_with_a_fix(tmp_path):
     listing.write_text("\n".join(reversed(folders)) + "\n")
     assert outputs(f"model.output_classes={listing}").tolist() == [4, 6]
     assert outputs("model.output_classes=[a,b,c,d,e,f,g,h,cat,dog]").tolist() == [9, 8]
+    # Weights rsvc trained: outputs named by the training classes, read once when first needed.
+    cfg = compose("extract", *base)
+    model, images = load_model(cfg.model, cfg), load_image_sets(cfg.dataset)
+    model.training_dataset = {"name": "imagefolder", "root": str(CIFAR_TEST), "classes": list(reversed(folders))}
+    assert class_outputs(model, images).tolist() == [4, 6]
+    assert model.output_classes == list(reversed(folders))
     with pytest.raises(RsvcError, match="10 outputs") as error:
         outputs("model.output_classes=[cat,dog]")
     assert "model.output_classes" in error.value.fix
