@@ -87,10 +87,16 @@ class ModelConfig:
     output_classes: Optional[Any] = None
     # ViT token outputs: the CLS token where the model has one, or the mean of patch tokens.
     token_reduce: str = "cls"
-    # Preprocessing overrides; null = the model's own (timm pretrained config or built-in).
+    # Preprocessing overrides; null = the model's own (timm pretrained config or built-in): the shorter
+    # side resized to floor(input_size / crop_pct) with `interpolation`, a centre crop of input_size.
     input_size: Optional[int] = None
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
+    interpolation: Optional[str] = None  # nearest | bilinear | bicubic
+    crop_pct: Optional[float] = None
+    # A model with random weights (no checkpoint, not pretrained, not trained by rsvc) is refused by
+    # the stages that produce results unless this is true; the results then carry a banner.
+    random_weights_ok: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

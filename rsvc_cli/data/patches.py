@@ -2,9 +2,12 @@
 
 Geometry, in three frames:
 - **original** pixels of the image file (what collages crop and boxes are recorded in);
-- **input** pixels: the image resized so its shorter side is ``input_size``, then centre-cropped
-  to ``input_size x input_size`` (torchvision's ``Resize(S)`` + ``CenterCrop(S)``);
-- each **patch** is a box in input pixels, cropped and resized back to ``input_size``.
+- **input** pixels: the image resized so its shorter side is ``resize_size`` (the model's
+  ``floor(input_size / crop_pct)``; ``input_size`` when not given), then centre-cropped to
+  ``input_size x input_size``: torchvision's ``Resize(R)`` + ``CenterCrop(S)``, which is timm's
+  evaluation transform;
+- each **patch** is a box in input pixels, cropped and resized back to ``input_size`` with the
+  model's interpolation (torch's resizing of that name).
 
 Boxes are ``[x0, y0, x1, y1]`` with pixel *edges* as coordinates: box ``[0, 0, 2, 2]`` holds
 pixels 0 and 1 in each direction, and the whole input is ``[0, 0, S, S]``.
@@ -29,40 +32,61 @@ _RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# Interpolations a patch can be enlarged with (torch's F.interpolate modes, as resize matrices).
+PATCH_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+# The cubic convolution coefficient torch's bicubic resizing uses.
+_CUBIC_A = -0.75
 
 
-def _resize_and_crop_geometry(width: int, height: int, input_size: int) -> tuple[int, int, int, int]:
+def resize_size_for(input_size: int, crop_pct: float = 1.0) -> int:
+    """The shorter side an image is resized to before the centre crop: timm's ``floor(S / crop_pct)``."""
+    if not 0 < crop_pct <= 1:
+        raise RsvcError(
+            problem=f"crop_pct={crop_pct} is not in (0, 1]: the centre crop must fit the resized image.",
+            fix="Set model.crop_pct to a fraction such as 0.875 (or null for the model's own).",
+        )
+    return int(math.floor(input_size / crop_pct))
+
+
+def _resize_and_crop_geometry(width: int, height: int, input_size: int,
+                              resize_size: int | None = None) -> tuple[int, int, int, int]:
     """(resized_width, resized_height, crop_left, crop_top) exactly as torchvision's
-    ``Resize(S)`` (long side truncated) and ``CenterCrop(S)`` (offset rounded) compute them."""
+    ``Resize(R)`` (long side truncated) and ``CenterCrop(S)`` (offset rounded) compute them."""
+    resize_size = input_size if resize_size is None else int(resize_size)
     if width <= height:
-        resized_width, resized_height = input_size, int(input_size * height / width)
+        resized_width, resized_height = resize_size, int(resize_size * height / width)
     else:
-        resized_width, resized_height = int(input_size * width / height), input_size
+        resized_width, resized_height = int(resize_size * width / height), resize_size
     crop_left = int(round((resized_width - input_size) / 2.0))
     crop_top = int(round((resized_height - input_size) / 2.0))
     return resized_width, resized_height, crop_left, crop_top
 
 
-def image_to_input_box(width: int, height: int, input_size: int) -> np.ndarray:
+def image_to_input_box(width: int, height: int, input_size: int, resize_size: int | None = None) -> np.ndarray:
     """The region of the original image that becomes the input, ``[x0, y0, x1, y1]`` in original pixels.
 
     It is the whole transform: input pixel edge ``(u, v)`` sits at original
     ``(x0 + u * (x1 - x0) / S, y0 + v * (y1 - y0) / S)``.
     """
-    resized_width, resized_height, crop_left, crop_top = _resize_and_crop_geometry(width, height, input_size)
+    resized_width, resized_height, crop_left, crop_top = _resize_and_crop_geometry(
+        width, height, input_size, resize_size)
     scale = np.array([width / resized_width, height / resized_height] * 2)
     return np.array([crop_left, crop_top, crop_left + input_size, crop_top + input_size], dtype=np.float64) * scale
 
 
-def resize_and_crop(image: Image.Image, input_size: int, interpolation: str = "bilinear") -> Image.Image:
-    """Resize the shorter side to ``input_size`` and centre-crop: the same pixels as torchvision's
-    ``CenterCrop(S)(Resize(S)(image))``, so accuracy matches the usual evaluation pipelines."""
+def resize_and_crop(image: Image.Image, input_size: int, interpolation: str = "bilinear",
+                    resize_size: int | None = None) -> Image.Image:
+    """Resize the shorter side to ``resize_size`` (default ``input_size``) and centre-crop
+    ``input_size``: the same pixels as torchvision's ``CenterCrop(S)(Resize(R)(image))``, so inputs
+    match the model's evaluation pipeline (timm's ``create_transform``)."""
     width, height = image.size
-    if (width, height) == (input_size, input_size):
+    resized_width, resized_height, crop_left, crop_top = _resize_and_crop_geometry(
+        width, height, input_size, resize_size)
+    if (width, height) != (resized_width, resized_height):
+        image = image.resize((resized_width, resized_height), _resampling(interpolation))
+    if (resized_width, resized_height) == (input_size, input_size):
         return image
-    resized_width, resized_height, crop_left, crop_top = _resize_and_crop_geometry(width, height, input_size)
-    resized = image.resize((resized_width, resized_height), _resampling(interpolation))
-    return resized.crop((crop_left, crop_top, crop_left + input_size, crop_top + input_size))
+    return image.crop((crop_left, crop_top, crop_left + input_size, crop_top + input_size))
 
 
 def _resampling(interpolation: str):
@@ -120,8 +144,10 @@ def patch_grid(input_size: int, patch_size: int | None, stride: int | None = Non
     return np.stack([left, top, left + patch_size, top + patch_size], axis=1)
 
 
-def make_patches(image_tensor: torch.Tensor, boxes, input_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Crop each box from ``image_tensor`` and resize it to ``input_size`` (bilinear, no antialias).
+def make_patches(image_tensor: torch.Tensor, boxes, input_size: int, out: torch.Tensor | None = None,
+                 interpolation: str = "bilinear") -> torch.Tensor:
+    """Crop each box from ``image_tensor`` and resize it to ``input_size`` with ``interpolation``
+    (as torch's ``F.interpolate`` of that mode, ``align_corners=False``, no antialias).
 
     image_tensor : (c, H, W) or (b, c, H, W) float. boxes : (n, 4) integer, inside the image.
     Returns (n, c, S, S), or (b, n, c, S, S) for a batch, written into ``out`` when given (a view
@@ -148,12 +174,13 @@ def make_patches(image_tensor: torch.Tensor, boxes, input_size: int, out: torch.
         columns = x0[group, None, None] + torch.arange(box_width, device=boxes.device)[None, None, :]
         crops = image_tensor[..., rows, columns].movedim(-4, -3)  # (..., m, c, h, w)
         if (box_height, box_width) != (input_size, input_size):
-            # Bilinear resizing is separable and every box of the group has one size, so it is two
-            # matrix products with the same small interpolation matrices: R_y crop R_x^T. Written
-            # straight into the patches, about 3x faster on a CPU than F.interpolate plus a copy,
-            # and equal to it up to float rounding.
-            rows_matrix = bilinear_matrix(box_height, input_size, image_tensor.dtype, image_tensor.device)
-            columns_matrix = bilinear_matrix(box_width, input_size, image_tensor.dtype, image_tensor.device)
+            # Resizing without antialias is separable and every box of the group has one size, so it
+            # is two matrix products with the same small interpolation matrices: R_y crop R_x^T.
+            # Written straight into the patches, about 3x faster on a CPU than F.interpolate plus a
+            # copy, and equal to it up to float rounding.
+            rows_matrix = resize_matrix(box_height, input_size, interpolation, image_tensor.dtype, image_tensor.device)
+            columns_matrix = resize_matrix(box_width, input_size, interpolation, image_tensor.dtype,
+                                           image_tensor.device)
             half_resized = torch.matmul(rows_matrix, crops)  # (..., m, c, S, w)
             if group.numel() == len(boxes):  # every box, in order (nonzero sorts): write in place
                 torch.matmul(half_resized, columns_matrix.T, out=patches)
@@ -161,6 +188,36 @@ def make_patches(image_tensor: torch.Tensor, boxes, input_size: int, out: torch.
             crops = torch.matmul(half_resized, columns_matrix.T)
         patches[..., group, :, :, :] = crops
     return patches
+
+
+def resize_matrix(in_size: int, out_size: int, interpolation: str = "bilinear", dtype=torch.float32,
+                  device=None) -> torch.Tensor:
+    """(out_size, in_size) matrix of 1-D resizing as F.interpolate(mode=interpolation,
+    align_corners=False, antialias=False) does it, for ``interpolation`` in PATCH_INTERPOLATIONS."""
+    if interpolation == "bilinear":
+        return bilinear_matrix(in_size, out_size, dtype, device)
+    outputs = torch.arange(out_size)
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    if interpolation == "nearest":
+        # torch's legacy "nearest": output pixel j takes input floor(j * in / out).
+        source = torch.floor(outputs.double() * (in_size / out_size)).long().clamp_max(in_size - 1)
+        matrix[outputs, source] = 1.0
+    elif interpolation == "bicubic":
+        # Output pixel j samples the input at (j + 0.5) * in / out - 0.5 (not clamped), from the four
+        # nearest pixels (indices clamped to the edges) with Keys' cubic kernel, a = -0.75.
+        source = (outputs.double() + 0.5) * (in_size / out_size) - 0.5
+        lower = source.floor()
+        t = source - lower
+        weights = torch.stack([_cubic_far(t + 1), _cubic_near(t), _cubic_near(1 - t), _cubic_far(2 - t)], dim=1)
+        for offset in range(4):
+            index = (lower.long() - 1 + offset).clamp(0, in_size - 1)
+            matrix.index_put_((outputs, index), weights[:, offset], accumulate=True)
+    else:
+        raise RsvcError(
+            problem=f"Patches cannot be resized with interpolation {interpolation!r}.",
+            fix=f"Set model.interpolation to one of {', '.join(PATCH_INTERPOLATIONS)}.",
+        )
+    return matrix.to(dtype=dtype, device=device)
 
 
 def bilinear_matrix(in_size: int, out_size: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -178,9 +235,20 @@ def bilinear_matrix(in_size: int, out_size: int, dtype=torch.float32, device=Non
     return matrix.to(dtype=dtype, device=device)
 
 
-def boxes_in_original_pixels(boxes, width: int, height: int, input_size: int) -> np.ndarray:
+def _cubic_near(x: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic kernel for |x| <= 1."""
+    return ((_CUBIC_A + 2) * x - (_CUBIC_A + 3)) * x * x + 1
+
+
+def _cubic_far(x: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic kernel for 1 < |x| < 2."""
+    return ((_CUBIC_A * x - 5 * _CUBIC_A) * x + 8 * _CUBIC_A) * x - 4 * _CUBIC_A
+
+
+def boxes_in_original_pixels(boxes, width: int, height: int, input_size: int,
+                              resize_size: int | None = None) -> np.ndarray:
     """Map boxes ``(..., 4)`` in input pixels to original pixels (float64) through resize and crop."""
-    input_box = image_to_input_box(width, height, input_size)
+    input_box = image_to_input_box(width, height, input_size, resize_size)
     scale = (input_box[2:] - input_box[:2]) / input_size  # original pixels per input pixel, (x, y)
     boxes = np.asarray(boxes, dtype=np.float64)
     origin, scale = np.tile(input_box[:2], 2), np.tile(scale, 2)
@@ -200,6 +268,10 @@ def _channel_vector(values, name: str) -> torch.Tensor:
 
 class PatchDataset(Dataset):
     """Normalized patches of chosen source images, with their boxes in original pixels.
+
+    Images are resized (shorter side ``resize_size``, default ``input_size``) with
+    ``interpolation`` and centre-cropped to ``input_size``; patches are enlarged back to
+    ``input_size`` with the same interpolation.
 
     Item ``i`` is ``(patches, image_index, patch_boxes)``: patches (n_patches, 3, S, S) float32
     normalized ``(x / 255 - mean) / std``, ``image_index`` = ``image_index[i]`` (int), patch_boxes
@@ -223,6 +295,7 @@ class PatchDataset(Dataset):
         planting=None,
         interpolation: str = "bilinear",
         return_image: bool = False,
+        resize_size: int | None = None,
     ):
         self.source = source
         self.image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
@@ -234,7 +307,10 @@ class PatchDataset(Dataset):
         self.planting = planting
         self.interpolation = interpolation
         self.return_image = return_image
-        _resampling(interpolation)  # fail at construction, not in a worker
+        self.resize_size = self.input_size if resize_size is None else int(resize_size)
+        # Fail at construction, not in a worker.
+        _resampling(interpolation)
+        resize_matrix(1, 1, interpolation)
         self.patch_boxes = patch_grid(self.input_size, patch_size, stride)
         if planting is not None:
             self.planting_probability = planting.probabilities(source.class_names)
@@ -255,29 +331,31 @@ class PatchDataset(Dataset):
         index = int(self.image_index[item])
         image = self.source.load_image(index)
         width, height = image.size
-        pixels = np.asarray(resize_and_crop(image, self.input_size, self.interpolation))
+        pixels = np.asarray(resize_and_crop(image, self.input_size, self.interpolation, self.resize_size))
         square_original = torch.full((4,), float("nan"))
         if self.planting is not None:
             probability = float(self.planting_probability[self.planting_label[item]])
             pixels, square_box = self.planting.plant(pixels, self.planting_key[item], probability)
             if square_box is not None:
                 square_original[:] = torch.from_numpy(
-                    boxes_in_original_pixels(square_box, width, height, self.input_size).astype(np.float32))
+                    boxes_in_original_pixels(square_box, width, height, self.input_size,
+                                             self.resize_size).astype(np.float32))
         patch_boxes = torch.from_numpy(
-            boxes_in_original_pixels(self.patch_boxes, width, height, self.input_size).astype(np.float32)
+            boxes_in_original_pixels(self.patch_boxes, width, height, self.input_size,
+                                     self.resize_size).astype(np.float32)
         )
         return np.array(pixels, dtype=np.uint8), index, patch_boxes, square_original  # writable, for torch
 
     def _normalize(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (..., S, S, 3) -> normalized float32 (..., 3, S, S)."""
-        # Normalizing before cropping is exact (bilinear weights sum to 1) and n_patches times cheaper.
+        # Normalizing before cropping is exact (resizing weights sum to 1) and n_patches times cheaper.
         image_tensor = torch.from_numpy(pixels).movedim(-1, -3).float().div_(255.0)
         return (image_tensor - self.mean) / self.std
 
     def __getitem__(self, item: int):
         pixels, index, patch_boxes, square_original = self._load(item)
         image_tensor = self._normalize(pixels)
-        patches = make_patches(image_tensor, self.patch_boxes, self.input_size)
+        patches = make_patches(image_tensor, self.patch_boxes, self.input_size, interpolation=self.interpolation)
         if self.return_image:
             # The extraction layout: the whole normalized input (for the model's prediction on the
             # image) and always a square box (NaN without planting).
@@ -299,7 +377,8 @@ class PatchDataset(Dataset):
         b, n = len(loaded), self.n_patches
         images = self._normalize(np.stack([entry[0] for entry in loaded]))
         inputs = images.new_empty(b * n + (b if self.return_image else 0), *images.shape[1:])
-        make_patches(images, self.patch_boxes, self.input_size, out=inputs[: b * n].view(b, n, *images.shape[1:]))
+        make_patches(images, self.patch_boxes, self.input_size, out=inputs[: b * n].view(b, n, *images.shape[1:]),
+                     interpolation=self.interpolation)
         if self.return_image:
             inputs[b * n:] = images
         return (inputs, b, torch.as_tensor([entry[1] for entry in loaded], dtype=torch.int64),

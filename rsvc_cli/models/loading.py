@@ -30,12 +30,16 @@ N_KEYS_SHOWN = 5
 
 @dataclass(frozen=True)
 class DataConfig:
-    """How images become model input: square side in pixels, x/255 normalized by mean/std."""
+    """How images become model input: the shorter side resized to ``floor(input_size / crop_pct)``
+    with ``interpolation``, a centre crop of ``input_size`` (square, in pixels), x/255 normalized by
+    mean/std: timm's evaluation transform (``crop_mode="center"``)."""
 
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,14 +236,17 @@ def _head_class_count(module: nn.Module, mismatched) -> int | None:
 
 
 def data_config_of(module: nn.Module) -> DataConfig:
-    """A model's preprocessing: its own ``data_config`` if it carries one, else timm's resolution.
+    """A model's preprocessing: its own ``data_config`` if it carries one, else timm's resolution
+    (the pretrained config of its ``arch.tag``, present whether or not the weights are downloaded).
 
-    timm falls back to 224 px, ImageNet mean/std, bicubic for modules without a pretrained config.
+    timm falls back to 224 px, ImageNet mean/std, bicubic, crop_pct 0.875 for modules without a
+    pretrained config.
     """
     own = getattr(module, "data_config", None)
     if isinstance(own, DataConfig):
         return own
     from timm.data import resolve_model_data_config
+    from timm.data.constants import DEFAULT_CROP_PCT
 
     resolved = resolve_model_data_config(module)
     _, height, width = resolved["input_size"]
@@ -250,6 +257,8 @@ def data_config_of(module: nn.Module) -> DataConfig:
         mean=tuple(float(value) for value in _three(resolved["mean"])),
         std=tuple(float(value) for value in _three(resolved["std"])),
         interpolation=str(resolved.get("interpolation", "bicubic")),
+        crop_pct=float(resolved.get("crop_pct") or DEFAULT_CROP_PCT),
+        crop_mode=str(resolved.get("crop_mode") or "center"),
     )
 
 

@@ -59,6 +59,9 @@ class ModelHandle:
     mean: tuple
     std: tuple
     token_reduce: str
+    # Preprocessing beyond input_size/mean/std: the shorter side before the centre crop, the interpolation.
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
     # The class each output stands for: model.output_classes, or for weights rsvc trained the training
     # classes (filled in by class_outputs when a grouping first needs them); None: see class_outputs.
     output_classes: list[str] | None = None
@@ -116,6 +119,7 @@ def load_untrained_model(model_cfg, checkpoint: str | None = None, init_seed: in
     input_size = int(m.get("input_size") or dc.input_size)
     mean = tuple(float(v) for v in (m.get("mean") or dc.mean))
     std = tuple(float(v) for v in (m.get("std") or dc.std))
+    interpolation, resize_size = _resizing(m, dc, input_size)
     identity = {
         "name": m["name"],
         "target": m.get("_target_"),
@@ -128,10 +132,40 @@ def load_untrained_model(model_cfg, checkpoint: str | None = None, init_seed: in
         "input_size": input_size,
         "mean": list(mean),
         "std": list(std),
+        "resize_size": resize_size,
+        "interpolation": interpolation,
         "token_reduce": m["token_reduce"],
     }
     return ModelHandle(loaded=loaded, identity=identity, input_size=input_size, mean=mean, std=std,
-                       token_reduce=m["token_reduce"], output_classes=_read_output_classes(m.get("output_classes")))
+                       token_reduce=m["token_reduce"], resize_size=resize_size, interpolation=interpolation,
+                       output_classes=_read_output_classes(m.get("output_classes")))
+
+
+def _resizing(m: dict, dc, input_size: int) -> tuple[str, int]:
+    """(interpolation, shorter side before the centre crop): the model's own (timm's pretrained config,
+    a built-in's facts) unless model.interpolation / model.crop_pct override them."""
+    from rsvc_cli.data.patches import PATCH_INTERPOLATIONS, resize_size_for
+
+    if dc.crop_mode != "center":
+        raise RsvcError(f"Model {m['name']} is evaluated with timm's crop_mode={dc.crop_mode!r}; rsvc resizes the "
+                        "shorter side and crops the centre (crop_mode='center') only.",
+                        "Use a model whose pretrained config crops at the centre, or give the module a data_config "
+                        "attribute (rsvc_cli.models.loading.DataConfig) that does.")
+    interpolation = str(m.get("interpolation") or dc.interpolation)
+    if interpolation not in PATCH_INTERPOLATIONS:
+        raise RsvcError(f"Model {m['name']} uses interpolation {interpolation!r}, which rsvc cannot resize patches with.",
+                        f"Set model.interpolation to one of {', '.join(PATCH_INTERPOLATIONS)}.")
+    crop_pct = float(m.get("crop_pct") or dc.crop_pct)
+    return interpolation, resize_size_for(input_size, crop_pct)
+
+
+def patch_dataset(model: ModelHandle, images: "ImageSets", geometry: tuple, **kwargs):
+    """The model's view of the selected images: its preprocessing, the patch geometry, the planting."""
+    from rsvc_cli.data.patches import PatchDataset
+
+    return PatchDataset(images.source, images.image_index, model.input_size, model.mean, model.std,
+                        patch_size=geometry[0], stride=geometry[1], planting=images.planting,
+                        interpolation=model.interpolation, resize_size=model.resize_size, **kwargs)
 
 
 def _read_output_classes(spec) -> list[str] | None:

@@ -12,6 +12,7 @@ from rsvc_cli import console
 from rsvc_cli.stages import collage as collage_stage
 from rsvc_cli.stages import importance as importance_stage
 from rsvc_cli.stages import planted
+from rsvc_cli.stages.provenance import RANDOM_WEIGHTS_BANNER, random_weights
 from rsvc_cli.stages import report as report_stage
 from rsvc_cli.stages.regress import prepare_pair, regress
 from rsvc_cli.stages.score import score, write_results_table
@@ -34,4 +35,7 @@ def run(cfg) -> dict:
     if cfg.report:
         result["report"] = report_stage.report(pair, cfg, result)
         console.say(f"[bold]report:[/bold] {result['report']}")
+    if random_weights(cfg):  # said again at the end, where the summary is read
+        console.say(f"[bold yellow]{RANDOM_WEIGHTS_BANNER.upper()}[/bold yellow]: {', '.join(random_weights(cfg))} "
+                    "compared with random weights (random_weights_ok=true).")
     return result

@@ -28,6 +28,7 @@ from rsvc_cli.stages.common import (
     activations_path,
     load_image_sets,
     load_model,
+    patch_dataset,
     patch_geometry,
     resolve_device,
     store_dir,
@@ -75,13 +76,11 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
 
 
 def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, contents, run_cfg) -> None:
-    from rsvc_cli.data.patches import PatchDataset
     from rsvc_cli.models.hooks import LayerRecorder
 
     device = resolve_device(run_cfg.device)
     dtype = STORAGE_DTYPES[run_cfg.storage_dtype]
-    dataset = PatchDataset(images.source, images.image_index, model.input_size, model.mean, model.std,
-                           patch_size=geometry[0], stride=geometry[1], planting=images.planting)
+    dataset = patch_dataset(model, images, geometry)
     n_images = len(images.image_index)
     patches_per_image = dataset.n_patches
     n_patches = n_images * patches_per_image

@@ -77,10 +77,9 @@ def table_columns(importance_result: dict | None) -> dict:
 def _write(f, pair, cfg, result: dict, owner: int) -> None:
     from rsvc_cli.algorithms.attribution import concept_importance, integrated_gradients, relative_to_baseline, replacement_test_all
     from rsvc_cli.algorithms.nnls import nnls
-    from rsvc_cli.data.patches import PatchDataset
     from rsvc_cli.models.hooks import is_channels_last
     from rsvc_cli.models.intervention import capture_layer_output, find_layer, make_concept_head, to_positions
-    from rsvc_cli.stages.common import patch_geometry
+    from rsvc_cli.stages.common import patch_dataset, patch_geometry
 
     device = resolve_device(cfg.device)
     model = pair.model1 if owner == 1 else pair.model2
@@ -88,8 +87,7 @@ def _write(f, pair, cfg, result: dict, owner: int) -> None:
     concepts = read_concepts(*(pair.concepts1 if owner == 1 else pair.concepts2))
     reg = read_regression(result["regression_path"], regression_content(pair, regression_params(cfg), str(cfg.dataset.group_by)))
     geometry = patch_geometry(cfg.patch, model.input_size)
-    dataset = PatchDataset(pair.images.source, pair.images.image_index, model.input_size, model.mean, model.std,
-                           patch_size=geometry[0], stride=geometry[1], planting=pair.images.planting)
+    dataset = patch_dataset(model, pair.images, geometry)
     per_image = dataset.n_patches
     module = model.module.to(device).eval()
     for p in module.parameters():

@@ -22,6 +22,15 @@ def run(cfg) -> dict:
     return {"artifacts": rows}
 
 
+def show_provenance(provenance: dict) -> None:
+    from rsvc_cli.stages.provenance import provenance_rows, random_weights_banner
+
+    banner = random_weights_banner(provenance)
+    if banner:
+        console.say(f"[bold yellow]{banner}[/bold yellow]")
+    console.table("provenance (what made these numbers)", ["", "value"], list(provenance_rows(provenance).items()))
+
+
 def describe(path: Path) -> dict:
     if not path.exists():
         raise RsvcError(f"{path} does not exist.", "Give path=FILE of an .h5 artifact (rsvc info store=DIR lists them).")
@@ -36,9 +45,13 @@ def describe(path: Path) -> dict:
             raise RsvcError(f"{path} is an HDF5 file but not an rsvc artifact.", "rsvc info describes files rsvc wrote.")
         datasets = []
         f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        provenance = attrs.pop("provenance", None)
         console.table(f"{path.name}", ["attribute", "value"],
                       [(k, json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v))
                        for k, v in attrs.items()])
+        if provenance is not None:
+            attrs["provenance"] = provenance = json.loads(provenance)
+            show_provenance(provenance)
         console.table("datasets", ["name", "shape", "dtype", "dims"],
                       [(n, "x".join(map(str, d.shape)) or "scalar", str(d.dtype), str(d.attrs.get("dims", "")))
                        for n, d in datasets[:200]])

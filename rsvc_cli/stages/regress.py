@@ -67,6 +67,9 @@ class Pair:
 
 def prepare_pair(cfg) -> Pair:
     """Load both models and make sure their activations and concepts are in the store."""
+    from rsvc_cli.stages.provenance import check_weights
+
+    check_weights(cfg)  # random weights only when asked for, before any work
     model1, model2 = load_model(cfg.model1, cfg), load_model(cfg.model2, cfg)
     images = load_image_sets(cfg.dataset)
     layer1, layer2 = str(cfg.layer1), str(cfg.layer2)

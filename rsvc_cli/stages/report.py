@@ -39,6 +39,7 @@ def _number(value):
 
 def report(pair, cfg, result: dict) -> Path:
     from rsvc_cli.viz.plots import write_class_similarities_svg
+    from rsvc_cli.stages.provenance import provenance_rows, random_weights_banner, read_provenance
     from rsvc_cli.viz.report import write_report
 
     out = comparison_dir(cfg, result)
@@ -83,7 +84,10 @@ def report(pair, cfg, result: dict) -> Path:
             f"images called {check['planted_class']} with/without the square: model 1 "
             f"{rates['model1']['with']:.0%}/{rates['model1']['without']:.0%}, model 2 "
             f"{rates['model2']['with']:.0%}/{rates['model2']['without']:.0%}")
+    provenance = read_provenance(result["path"]) or {}
     return write_report(out, {
+        "banner": random_weights_banner(provenance),
+        "provenance": provenance_rows(provenance) if provenance else None,
         "title": f"{p.get('model1')} {p.get('layer1')} vs {p.get('model2')} {p.get('layer2')}",
         "subtitle": "RSVC: which concepts each model shares, and which it has alone. "
                     "\"2->1\": model 2 predicts model 1's concept.",

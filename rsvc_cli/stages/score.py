@@ -23,6 +23,7 @@ from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
 from rsvc_cli.store.keys import stage_content
 from rsvc_cli.stages.common import produce, resolve_device, store_dir
 from rsvc_cli.stages.decompose import read_activations
+from rsvc_cli.stages.provenance import write_provenance
 from rsvc_cli.stages.regress import DIRECTIONS, direction_group, prepare_pair, read_regression, regress, regression_content, regression_params
 
 # Debiased CKA needs 4 samples; Pearson on fewer is noise.
@@ -60,6 +61,7 @@ def score(pair, cfg, regression_path: Path) -> dict:
         a2 = read_activations(*pair.activations2)
         write_array(f, "class_names", np.array(reg.class_names, dtype=str), "class")
         f.attrs["evaluation"] = evaluation
+        write_provenance(f, pair, cfg)
         for name, entry in reg.classes.items():
             g = f.create_group(f"classes/{name}")
             rows = entry["evaluation_rows"] if evaluation == "heldout" else entry["regression_rows"]

@@ -78,7 +78,8 @@ def load_inputs(model, source, image_index, planting=None, desc: str | None = No
     bar = console.progress(len(image_index), desc, unit="img") if desc else None
     # One decode per image file: there is nothing to batch before the pixels exist.
     for row, index in enumerate(image_index):
-        image = np.asarray(resize_and_crop(source.load_image(int(index)).convert("RGB"), size))
+        image = np.asarray(resize_and_crop(source.load_image(int(index)).convert("RGB"), size,
+                                           model.interpolation, model.resize_size))
         if planting is not None:
             image, _ = planting.plant(image, keys[row], float(probability[row]))
         pixels[row] = image

@@ -22,8 +22,9 @@ KINDS = ("activations", "predictions", "concepts", "regression", "scores", "impo
 # solver, a fixed bug): artifacts of earlier code are then recomputed beside the old files instead of
 # being reused as if this code had made them. Settings need no bump; they are in the content already.
 REVISIONS = {
-    "activations": 2,  # 2: layers of channels-last (NHWC) models averaged over their own spatial axes
-    "predictions": 1,
+    "activations": 3,  # 2: layers of channels-last (NHWC) models averaged over their own spatial axes;
+    # 3: the model's evaluation transform (resize by crop_pct, its interpolation, also for patches)
+    "predictions": 2,  # 2: whole images through the model's evaluation transform
     "concepts": 1,
     "regression": 2,  # 2: float32 products for float32 activations; exact constants per training fold
     "scores": 1,

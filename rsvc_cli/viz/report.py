@@ -8,6 +8,8 @@ share. Images are referenced relative to ``out_dir``; the caller writes them the
 The report dict (JSON-able)::
 
     {"title": str, "subtitle": str, "meta": {key: value},
+     "banner": str or None (a warning shown at the top of every page, e.g. random weights),
+     "provenance": {key: text} (what made the numbers, shown as its own block),
      "models": {"model1": "cifar_resnet20 layer3", "model2": "..."},
      "classes": [{"name": "cat", "plots": ["rel/path.svg", ...],
                   "concepts": [{"owner": "model1", "concept": 0, "direction": "2->1",
@@ -77,6 +79,8 @@ a:hover { text-decoration: underline; }
 table { border-collapse: collapse; }
 table.kv td, table.kv th { padding: 2px 12px 2px 0; text-align: left; vertical-align: top; }
 table.kv th { color: var(--muted); font-weight: 600; }
+.banner { margin: 8px 0; padding: 8px 12px; border: 2px solid #b45309; background: #fef3c7; color: #78350f;
+  font-weight: 700; }
 table.concepts { width: 100%; font-variant-numeric: tabular-nums; }
 table.concepts th, table.concepts td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left; }
 table.concepts td.num, table.concepts th.num { text-align: right; }
@@ -445,6 +449,7 @@ def write_report(out_dir, report: Mapping) -> Path:
     subtitle = str(report.get("subtitle") or "")
     models = report.get("models") or {}
     classes = list(report.get("classes", []))
+    banner = f'\n<p class="banner" role="alert">{_escape(report["banner"])}</p>' if report.get("banner") else ""
 
     pages = [f"classes/{position:03d}-{_slug(entry.get('name', position))}.html" for position, entry in enumerate(classes)]
     entries_by_class: list[list[_ConceptEntry]] = []
@@ -479,7 +484,7 @@ def write_report(out_dir, report: Mapping) -> Path:
         header = (
             f'<nav class="crumbs">{"".join(crumbs)}</nav>\n<h1>{_escape(name)}</h1>\n'
             f'<p class="subtitle">{_escape(title)}{" — " + _escape(subtitle) if subtitle else ""}</p>'
-        )
+        ) + banner
         plots = "".join(images.tag(plot, f"{name} plot", prefix="../") for plot in class_entry.get("plots", []) or [])
         sorted_entries = sorted(entries, key=lambda entry: entry.sort_key)
         body = []
@@ -513,11 +518,14 @@ def write_report(out_dir, report: Mapping) -> Path:
         )
 
     header = f"<h1>{_escape(title)}</h1>" + (f'\n<p class="subtitle">{_escape(subtitle)}</p>' if subtitle else "")
+    header += banner
     body = []
     if models:
         body.append(f'<section id="models"><h2>Models</h2>{_key_value_table(models)}</section>')
     if report.get("meta"):
         body.append(f'<section id="meta"><h2>Run</h2>{_key_value_table(report["meta"])}</section>')
+    if report.get("provenance"):
+        body.append(f'<section id="provenance"><h2>Provenance</h2>{_key_value_table(report["provenance"])}</section>')
     body.append(
         f'<section id="classes"><h2>Classes</h2><p class="subtitle">lowest similarity per class in grey</p>'
         f'<nav class="classes">{"".join(class_links)}</nav></section>'
