@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,10 @@ def _create_layout(f, images: ImageSets, dataset, n_features: int, dtype) -> "h5
     write_array(grp, "index", images.image_index, "image")
     write_array(grp, "label", images.label, "image")
     write_array(grp, "image_set", images.image_set, "image")
-    paths = [str(images.source.paths[int(i)]) for i in images.image_index]
+    # Files of a folder tree absolute, so that anyone reading the artifact finds them from any folder
+    # (synthetic images are ids, not files).
+    on_disk = getattr(images.source, "root", None) is not None
+    paths = [os.path.abspath(p) if on_disk else p for p in (str(images.source.paths[int(i)]) for i in images.image_index)]
     write_array(grp, "path", np.array(paths, dtype=object).astype(str), "image")
     grp.create_dataset("square_box", shape=(n_images, 4), dtype=np.float32).attrs["dims"] = "image,xyxy (NaN: none)"
     write_array(f, "class_names", np.array(images.class_names, dtype=str), "class")

@@ -85,6 +85,8 @@ def test_timm_models_use_timm_preprocessing(name):
         mean=tuple(resolved["mean"]),
         std=tuple(resolved["std"]),
         interpolation=resolved["interpolation"],
+        crop_pct=resolved["crop_pct"],
+        crop_mode=resolved["crop_mode"],
     )
     assert not model.module.training
     assert model.num_classes == 1000

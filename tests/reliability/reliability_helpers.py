@@ -34,6 +34,8 @@ FAST = [
     "decomposition=semi_nmf", "decomposition.n_concepts=3", "decomposition.max_iter=50",
     "regression=ridge", "regression.n_folds=2",
     "importance.steps=2", "importance.max_patches_per_class=2", "n_tiles=2", "device=cpu",
+    # Random weights on purpose (the reliability of the machinery, not of any model's numbers).
+    "model1.random_weights_ok=true", "model2.random_weights_ok=true",
 ]
 
 # The stages of `rsvc compare` in order, each with the artifact kind it writes and how many.

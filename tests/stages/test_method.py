@@ -13,6 +13,8 @@ from rsvc_cli.stages.regress import prepare_pair, regress
 
 R20, R56 = CHECKPOINTS["cifar_resnet20"], CHECKPOINTS["cifar_resnet56"]
 # Small but real: 3 classes x 30 images (6 concept / 12 regression / 12 evaluation), 16 patches each.
+# timm's test models and untrained architectures: random weights, compared on purpose.
+RANDOM_OK = ["model1.random_weights_ok=true", "model2.random_weights_ok=true"]
 CIFAR = ["dataset=cifar10", f"dataset.root={CIFAR_TEST}", "dataset.classes=[cat,dog,ship]",
          "dataset.images_per_class=30", "importance.enabled=false"]
 
@@ -45,7 +47,8 @@ def test_a_checkpoint_against_itself_matches_its_self_baseline(store, shared_dir
 def test_trained_pair_is_more_similar_than_a_random_network(store, shared_dir):
     trained = _score(store, "model1=cifar_resnet20", "model2=cifar_resnet56", f"model1.checkpoint={R20}",
                      f"model2.checkpoint={R56}")
-    random = _score(store, "model1=cifar_resnet20", "model2=cifar_resnet56", f"model1.checkpoint={R20}")
+    random = _score(store, "model1=cifar_resnet20", "model2=cifar_resnet56", f"model1.checkpoint={R20}",
+                    "model2.random_weights_ok=true")
     assert _mean(trained, "2->1") > _mean(random, "2->1") + 0.1
     # the self baselines bound the cross predictions on average
     assert _mean(trained, "1->1") > _mean(trained, "2->1")
@@ -168,7 +171,7 @@ def test_model_output_classes_name_the_outputs_or_stop_with_a_fix(tmp_path):
 
 def test_misaligned_patches_are_refused(store):
     base = ["model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3", "dataset.n_classes=2",
-            "dataset.images_per_class=10", "decomposition.n_concepts=3", f"store={store}"]
+            "dataset.images_per_class=10", "decomposition.n_concepts=3", f"store={store}", *RANDOM_OK]
     cfg = compose("regress", *base, "patch.stride=40")
     pair = prepare_pair(cfg)
     # Swap in model 2's activations from another patch grid: same images, other boxes.
@@ -182,7 +185,7 @@ def test_misaligned_patches_are_refused(store):
 def test_fewer_samples_than_concepts_is_a_clear_error(store):
     cfg = compose("regress", "model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3",
                   "dataset.n_classes=2", "dataset.images_per_class=5", "patch=whole", "decomposition.n_concepts=10",
-                  f"store={store}")
+                  f"store={store}", *RANDOM_OK)
     with pytest.raises(RsvcError, match="fewer than the 10 concepts"):
         prepare_pair(cfg)
 
@@ -191,7 +194,7 @@ def test_constant_coefficient_column_is_undefined_not_zero(store):
     """k-means coefficients are one-hot: a cluster no evaluation patch falls in is a constant column."""
     result = _score(store, "model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3",
                     "dataset=synthetic", "dataset.n_classes=2", "dataset.images_per_class=15",
-                    "decomposition=kmeans", "decomposition.n_concepts=12", "regression=ridge")
+                    "decomposition=kmeans", "decomposition.n_concepts=12", "regression=ridge", *RANDOM_OK)
     similarities = np.concatenate([c["similarity"]["2->1"] for c in result["classes"].values()])
     assert np.isnan(similarities).any(), "a constant column must give NaN (undefined), never 0"
     assert np.isfinite(similarities).any()
@@ -199,7 +202,7 @@ def test_constant_coefficient_column_is_undefined_not_zero(store):
 
 def test_signed_activations_need_a_declared_treatment(store):
     args = ["model1=test_vit", "model2=test_vit", "layer1=blocks.0", "layer2=blocks.1", "dataset.n_classes=2",
-            "dataset.images_per_class=10", "decomposition.n_concepts=3", f"store={store}"]
+            "dataset.images_per_class=10", "decomposition.n_concepts=3", f"store={store}", *RANDOM_OK]
     with pytest.raises(RsvcError, match="clamp|split|semi_nmf"):
         prepare_pair(compose("regress", *args))
     pair = prepare_pair(compose("regress", *args, "decomposition.signed=split"))
@@ -214,7 +217,7 @@ def test_a_bumped_stage_revision_recomputes_that_stage_and_downstream_beside_the
 
     cfg = compose("regress", "model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3",
                   "dataset.n_classes=2", "dataset.images_per_class=15", "decomposition.n_concepts=3",
-                  "regression=ridge", f"store={store}")
+                  "regression=ridge", f"store={store}", *RANDOM_OK)
     before = prepare_pair(cfg)
     regression_before = regress(before, cfg)
     monkeypatch.setitem(REVISIONS, "concepts", REVISIONS["concepts"] + 1)
