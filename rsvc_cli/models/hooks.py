@@ -12,6 +12,7 @@ import contextlib
 import difflib
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -113,8 +114,10 @@ def resolve_layer_names(
 ) -> list[str]:
     """Check layer names against the module: unknown names are an RsvcError with suggestions.
 
-    With ``input_size``, also run one dummy forward and refuse layers that do not produce exactly
-    one reducible tensor (not run, run several times, tuple outputs). Duplicates are dropped.
+    With ``input_size``, also run one dummy forward and refuse layers whose output is not understood
+    (``describe_layers``: not run, run several times, tuple outputs, shapes that are neither feature
+    maps, token sequences nor vectors), naming the shape and the nearest recordable layers.
+    Duplicates are dropped.
     """
     names = [names] if isinstance(names, str) else list(names)
     if not names:
@@ -141,40 +144,88 @@ def resolve_layer_names(
         )
     unique = list(dict.fromkeys(names))
     if input_size is not None:
-        recordable = dict(list_layers(module, input_size))
-        wrong = [name for name in unique if name not in recordable]
+        described = {info.name: info for info in describe_layers(module, input_size)}
+        wrong = [described[name] for name in unique if not described[name].recordable]
         if wrong:
+            recordable = [info.name for info in described.values() if info.recordable]
+            problems = "; ".join(
+                f"{info.name!r} ({info.output}) {info.reason} (nearest recordable layers: "
+                f"{', '.join(nearest_layers(info.name, recordable)) or 'none'})"
+                for info in wrong
+            )
             raise RsvcError(
-                problem=f"Layer(s) {', '.join(map(repr, wrong))} do not produce one tensor of a reducible "
-                "shape per forward pass: layers of the wrong kind for recording.",
-                fix=_LAYER_KINDS_FIX,
+                problem=f"Layer(s) of the wrong kind for recording: {problems}.",
+                fix="Record a layer whose output is a feature map (batch x channels x height x width, or "
+                "channels-last where the model declares it), a token sequence (batch x tokens x channels) or a "
+                "vector (batch x channels), once per forward pass; `rsvc layers` marks each module.",
             )
     return unique
 
 
-def list_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, output shape without batch) of every recordable layer, from one dummy forward.
+def nearest_layers(name: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+    """The ``n`` candidates closest to ``name`` in the module tree: most leading name parts in common
+    (its parent and siblings first), then nearest in definition order."""
+    parts = name.split(".")
+    order = {candidate: position for position, candidate in enumerate(candidates)}
 
-    Recordable: runs exactly once per forward pass and returns a tensor of rank 2, 3 or 4.
-    Listed in definition order. The module's train/eval modes are left as they were.
+    def shared(candidate: str) -> int:
+        common = 0
+        for mine, theirs in zip(parts, candidate.split(".")):
+            if mine != theirs:
+                break
+            common += 1
+        return common
+
+    anchor = max((order[c] for c in candidates if shared(c) == max(map(shared, candidates), default=0)), default=0)
+    ranked = sorted((c for c in candidates if c != name),
+                    key=lambda c: (-shared(c), not name.startswith(c + "."), abs(order[c] - anchor)))
+    return ranked[:n]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One module as a layer: its output (without the batch axis) and whether it can be recorded."""
+
+    name: str
+    output: str  # "64 x 8 x 8", "tuple of 2 tensors (4, 2)", "not run"
+    kind: str  # feature map | channels-last map | token sequence | vector | "" (not recordable)
+    recordable: bool
+    reason: str  # why not ("" when recordable)
+    shape: tuple[int, ...] | None = None
+
+
+def list_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, output shape without batch) of every recordable layer (``describe_layers``), in
+    definition order."""
+    return [(info.name, info.shape) for info in describe_layers(module, input_size) if info.recordable]
+
+
+def describe_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[LayerInfo]:
+    """Every named submodule as a layer, from one dummy forward (batch of 2), in definition order.
+
+    Recordable: runs exactly once per forward pass and returns one tensor that is understood:
+    (n, d) a vector, (n, t, d) a token sequence, (n, c, h, w) a feature map, or (n, h, w, c) where
+    the layer or model declares channels-last (``is_channels_last``). A 4-d output counts as a
+    feature map only when (h, w) is the spatial grid of one of the model's own convolutions, norms or
+    poolings: an attention layer's (n, heads, tokens, head-dim) is none, and averaging its last two
+    axes would give one number per head. The module's train/eval modes are left as they were.
     """
     height, width = _square(input_size)
-    shapes: dict[str, tuple[int, ...]] = {}
+    outputs: dict[str, object] = {}
     calls: Counter[str] = Counter()
+    grids: set[tuple[int, int]] = set()
+    modules = dict(module.named_modules())
 
-    def make_hook(name: str):
+    def make_hook(name: str, layer: nn.Module):
         def hook(_module, _inputs, output):
             calls[name] += 1
-            if isinstance(output, torch.Tensor) and output.ndim in REDUCIBLE_RANKS:
-                shapes[name] = tuple(output.shape[1:])
+            outputs[name] = _shape_of(output)
+            if isinstance(output, torch.Tensor) and output.ndim == 4 and isinstance(layer, _CHANNELS_FIRST_LAYERS):
+                grids.add(tuple(output.shape[2:]))
 
         return hook
 
-    handles = [
-        submodule.register_forward_hook(make_hook(name))
-        for name, submodule in module.named_modules()
-        if name
-    ]
+    handles = [submodule.register_forward_hook(make_hook(name, submodule)) for name, submodule in modules.items() if name]
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     try:
@@ -183,7 +234,49 @@ def list_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[tupl
     finally:
         for handle in handles:
             handle.remove()
-    return [(name, shapes[name]) for name in layer_names_of(module) if name in shapes and calls[name] == 1]
+    return [_describe(name, modules[name], module, calls[name], outputs.get(name), grids)
+            for name in layer_names_of(module)]
+
+
+def _shape_of(output) -> object:
+    """A tensor's shape without the batch axis, or a description of what else came out."""
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape[1:])
+    if isinstance(output, (tuple, list)):
+        parts = [tuple(item.shape[1:]) if isinstance(item, torch.Tensor) else type(item).__name__ for item in output]
+        return ("tuple", parts)
+    return ("object", type(output).__name__)
+
+
+def _describe(name: str, layer: nn.Module, model: nn.Module, n_calls: int, shape, grids) -> LayerInfo:
+    def refused(output: str, reason: str) -> LayerInfo:
+        return LayerInfo(name, output, "", False, reason)
+
+    if isinstance(layer, (nn.ModuleList, nn.ModuleDict)):
+        return refused("not run", "is a module container that never runs itself")
+    if n_calls == 0:
+        return refused("not run", "does not run in a forward pass")
+    if isinstance(shape, tuple) and shape and shape[0] == "tuple":
+        parts = ", ".join(" x ".join(map(str, p)) if isinstance(p, tuple) else p for p in shape[1])
+        return refused(f"tuple of {len(shape[1])} ({parts})", f"outputs a tuple of {len(shape[1])} values, not one tensor")
+    if isinstance(shape, tuple) and shape and shape[0] == "object":
+        return refused(str(shape[1]), f"outputs a {shape[1]}, not a tensor")
+    output = "batch x " + " x ".join(map(str, shape)) if shape else "batch"
+    if n_calls > 1:
+        return refused(output, f"runs {n_calls} times per forward pass")
+    rank = len(shape) + 1
+    if rank == 2:
+        return LayerInfo(name, output, "vector", True, "", shape)
+    if rank == 3:
+        return LayerInfo(name, output, "token sequence", True, "", shape)
+    if rank == 4 and is_channels_last(model, layer, name):
+        return LayerInfo(name, output, "channels-last map", True, "", shape)
+    if rank == 4 and tuple(shape[1:]) in grids:
+        return LayerInfo(name, output, "feature map", True, "", shape)
+    if rank == 4:
+        return refused(output, "is no feature map: its last two axes are no spatial grid of the model's (as in an "
+                       "attention layer's batch x heads x tokens x head-dim), nor a token sequence or a vector")
+    return refused(output, f"has rank {rank}: neither a feature map, a token sequence nor a vector")
 
 
 @contextlib.contextmanager
@@ -226,12 +319,13 @@ def _declared_format(module: nn.Module) -> str | None:
     return None if output_format is None else str(getattr(output_format, "value", output_format)).upper()
 
 
-def is_channels_last(model: nn.Module, layer: nn.Module) -> bool:
+def is_channels_last(model: nn.Module, layer: nn.Module, name: str | None = None) -> bool:
     """Whether ``layer``'s 4-d output is (n, h, w, c) rather than torch's (n, c, h, w).
 
     A layer that declares its format (timm's PatchEmbed ``output_fmt``) says so itself; torch's
     convolutions, norms and poolings are channels-first by definition; any other layer follows the
-    model's declared format (timm's Swin-style models declare ``output_fmt = "NHWC"``: their stages
+    format its nearest enclosing module declares (given its ``name``), else the model's declared
+    format (timm's Swin-style models declare ``output_fmt = "NHWC"``: their stages
     and norms emit (n, h, w, c), and pooling those over axes (2, 3) would silently average the wrong
     axes into vectors of length h).
     """
@@ -240,6 +334,13 @@ def is_channels_last(model: nn.Module, layer: nn.Module) -> bool:
         return own == "NHWC"
     if isinstance(layer, _CHANNELS_FIRST_LAYERS):
         return False
+    if name:  # a layer inside one that declares its format (the norm of timm's NHWC PatchEmbed) follows it
+        modules = dict(model.named_modules())
+        parts = name.split(".")
+        for end in range(len(parts) - 1, 0, -1):
+            declared = _declared_format(modules.get(".".join(parts[:end]), nn.Identity()))
+            if declared is not None:
+                return declared == "NHWC"
     return _declared_format(model) == "NHWC"
 
 
@@ -276,7 +377,7 @@ class LayerRecorder:
         num_prefix_tokens = 0 if patch_tokens_only else self.num_prefix_tokens
         has_cls_token = self.has_cls_token and not patch_tokens_only
 
-        channels_last = is_channels_last(self.module, layer)
+        channels_last = is_channels_last(self.module, layer, name)
 
         def hook(_module, _inputs, output):
             self._calls[name] += 1

@@ -50,7 +50,8 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
 
     if run_cfg.storage_dtype not in STORAGE_DTYPES:
         raise RsvcError(f"storage_dtype={run_cfg.storage_dtype} is not an option.", "Use storage_dtype=float32 or float16.")
-    layers = resolve_layer_names(model.module, list(dict.fromkeys(layers)))
+    # One dummy forward: a layer whose output is not understood is refused before any image is read.
+    layers = resolve_layer_names(model.module, list(dict.fromkeys(layers)), input_size=model.input_size)
     geometry = patch_geometry(patch_cfg, model.input_size)
     store = store_dir(run_cfg)
     contents = {layer: activations_content(model, images, geometry, layer, run_cfg.storage_dtype) for layer in layers}

@@ -1,4 +1,5 @@
-"""rsvc layers: a model's module names (what `layers=`, `layer1=`, `layer2=` accept) and output shapes."""
+"""rsvc layers: a model's module names (what `layers=`, `layer1=`, `layer2=` accept), their outputs, and
+whether each can be recorded (and why not)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ from rsvc_cli import console
 from rsvc_cli.stages.common import load_model
 
 
-def run(cfg) -> list[tuple[str, tuple]]:
-    from rsvc_cli.models.hooks import list_layers
+def run(cfg) -> list:
+    from rsvc_cli.models.hooks import describe_layers
 
     model = load_model(cfg.model, cfg)
-    layers = list_layers(model.module, model.input_size)
+    layers = describe_layers(model.module, model.input_size)
     console.table(f"{model.label}: layers at input {model.input_size}x{model.input_size}",
-                  ["layer", "output shape"], [(name, " x ".join(map(str, shape))) for name, shape in layers],
-                  caption="Feature maps are averaged over space; token outputs give the CLS token or the token mean.")
+                  ["layer", "output", "recordable", "as / why not"],
+                  [(info.name, info.output, "yes" if info.recordable else "no", info.kind or info.reason)
+                   for info in layers],
+                  caption="Recorded as one vector per patch: feature maps averaged over space (channels-last maps "
+                          "where the model declares them), token sequences by the CLS token or the token mean "
+                          "(model.token_reduce), vectors as they are.")
     return layers

@@ -14,6 +14,7 @@ from torch import nn
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.models.hooks import (
     LayerRecorder,
+    describe_layers,
     list_layers,
     model_has_cls_token,
     reduce_to_vectors,
@@ -355,3 +356,54 @@ def test_recorder_stop_early_records_the_same_and_skips_the_rest(test_vit):
         torch.testing.assert_close(stopped[layer], full[layer], **EXACT)
 
 
+
+
+# ------------------------------------------------------------------------------------------
+# Which layers are understood (describe_layers)
+# ------------------------------------------------------------------------------------------
+
+
+def test_attention_internals_are_refused_with_their_shape_and_the_nearest_layers(test_vit):
+    """q_norm's output is batch x heads x tokens x head-dim: averaging its last two axes gave one
+    "feature" per head. Refused, naming the shape and where to record instead."""
+    vit = test_vit.module
+    side = test_vit.data_config.input_size
+    n_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    heads = vit.blocks[0].attn.num_heads
+    with pytest.raises(RsvcError) as error:
+        resolve_layer_names(vit, ["blocks.0.attn.q_norm"], input_size=side)
+    shape = f"batch x {heads} x {n_tokens} x {vit.embed_dim // heads}"
+    assert shape in error.value.problem and "wrong kind" in error.value.problem
+    assert "nearest recordable layers: blocks.0.attn," in error.value.problem
+    described = {info.name: info for info in describe_layers(vit, side)}
+    assert not described["blocks.0.attn.q_norm"].recordable and described["blocks.0.attn.q_norm"].output == shape
+    assert described["blocks.0.attn"].kind == described["norm"].kind == "token sequence"
+    assert described["patch_embed.proj"].kind == "feature map"
+    # Inside timm's NHWC patch embedding, its norm is a channels-last map like the embedding itself.
+    assert described["patch_embed.norm"].kind == described["patch_embed"].kind == "channels-last map"
+
+
+def test_every_module_is_listed_with_why_it_cannot_be_recorded():
+    model = SharedActivationNet().eval()
+    described = {info.name: info for info in describe_layers(model, 8)}
+    assert set(described) == {name for name, _ in model.named_modules() if name}
+    assert described["split"].reason == "outputs a tuple of 2 values, not one tensor"
+    assert described["split"].output == "tuple of 2 (2, 2)"
+    assert described["relu"].reason == "runs 2 times per forward pass"
+    assert described["unused"].reason == "does not run in a forward pass"
+    assert described["heads"].reason == "is a module container that never runs itself"
+    assert described["bn"].kind == "feature map" and described["heads.0"].kind == "vector"
+
+
+@pytest.mark.parametrize("token_reduce", ["cls", "mean"])
+def test_the_final_norm_of_a_vit_is_recordable(test_vit, token_reduce):
+    """The paper's ViT layer: the CLS token after the final norm, i.e. forward_features(x)[:, 0]."""
+    vit = test_vit.module
+    images = images_for(test_vit)
+    with LayerRecorder(vit, resolve_layer_names(vit, ["norm"], input_size=images.shape[-1]),
+                       token_reduce=token_reduce) as recorder:
+        _, vectors = recorder(images)
+    with torch.no_grad():
+        tokens = vit.forward_features(images)
+    expected = tokens[:, 0] if token_reduce == "cls" else tokens[:, vit.num_prefix_tokens:].mean(dim=1)
+    torch.testing.assert_close(vectors["norm"], expected, **MEAN_TOLERANCE)

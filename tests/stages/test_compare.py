@@ -49,6 +49,8 @@ def test_vit_vs_resnet_compares_a_vit_s_with_resnet50():
     cfg = compose("compare", "experiment=vit_vs_resnet")
     assert cfg.model1.name.startswith("vit_small_patch16_224") and cfg.model2.name.startswith("resnet50")
     assert cfg.decomposition.method == "semi_nmf", "ViT tokens are signed"
+    # The paper's ViT layer: the CLS token after the final norm.
+    assert (cfg.layer1, cfg.model1.token_reduce) == ("norm", "cls")
 
 
 def test_cifar_preset_paths_are_relative_to_the_repository_root(monkeypatch):
