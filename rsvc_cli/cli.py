@@ -147,7 +147,10 @@ def check_store(stage: str, overrides: list[str]) -> None:
 
 def run_task(task, cfg):
     """Call a stage's task function, turning user errors into a paragraph and exit code 2."""
+    from rsvc_cli.config import check_unused_options
+
     try:
+        check_unused_options(cfg)  # no silent no-ops, before any work
         return task(cfg)
     except RsvcError as err:
         if debug_enabled():

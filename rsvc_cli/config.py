@@ -229,3 +229,83 @@ def register_configs() -> None:
         "train_schema": TrainStageConfig,
     }.items():
         cs.store(name=name, node=node)
+
+
+# ------------------------------------------------------------------------------------------
+# No silent no-ops: a setting the chosen option does not read is an error
+# ------------------------------------------------------------------------------------------
+
+# Dataset keys only a class-per-folder tree reads, and keys only the synthetic images read.
+_FOLDER_KEYS = ("root", "evaluation_root", "classes", "first_classes")
+_SYNTHETIC_KEYS = ("n_classes", "image_size", "synthetic_seed", "class_cues")
+
+
+def unused_options(cfg) -> list[tuple[str, str]]:
+    """(setting, why the chosen option ignores it) for every setting of ``cfg`` that would change
+    nothing: values given for keys the chosen dataset, decomposition, regression or patching does not
+    read. Keys left at their schema default are not counted (nothing was asked)."""
+    found: list[tuple[str, str]] = []
+    datasets = [("dataset", cfg.get("dataset"))]
+    for model_key in ("model", "model1", "model2"):
+        model = cfg.get(model_key)
+        if model is not None and model.get("train") is not None and model.train.enabled:
+            datasets.append((f"{model_key}.train.dataset", model.train.dataset))
+    for prefix, dataset in datasets:
+        if dataset is not None:
+            found += _unused_dataset_options(prefix, dataset)
+    decomposition = cfg.get("decomposition")
+    if decomposition is not None and decomposition.method != "nmf" and decomposition.signed != DecompositionConfig.signed:
+        found.append(("decomposition.signed", f"only decomposition=nmf treats signed activations; "
+                                              f"{decomposition.method} takes them as they are"))
+    regression = cfg.get("regression")
+    if regression is not None and regression.method == "linear" and regression.alpha != RegressionConfig.alpha:
+        found.append(("regression.alpha", "regression=linear has no penalty"))
+    patch = cfg.get("patch")
+    if patch is not None and patch.size is None and patch.stride != PatchConfig.stride:
+        found.append(("patch.stride", "whole images (patch.size=null) have no patch grid"))
+    return found
+
+
+def _unused_dataset_options(prefix: str, dataset) -> list[tuple[str, str]]:
+    found = []
+    if dataset.get("_target_"):
+        for key in ("root", "classes", "first_classes"):
+            if dataset.get(key) is not None:
+                found.append((f"{prefix}.{key}", f"{prefix}._target_ builds the images from {prefix}.kwargs alone"))
+    elif dataset.name == "synthetic":
+        for key in _FOLDER_KEYS:
+            if dataset.get(key) is not None:
+                found.append((f"{prefix}.{key}", f"{prefix}=synthetic makes its own images and classes"))
+    else:
+        defaults = DatasetConfig()
+        for key in _SYNTHETIC_KEYS:
+            if dataset.get(key) is not None and list_or_value(dataset.get(key)) != list_or_value(getattr(defaults, key)):
+                found.append((f"{prefix}.{key}", f"only synthetic images read it, and {prefix}.name={dataset.name}"))
+    if dataset.get("classes") is not None and dataset.get("first_classes") is not None and not dataset.get("_target_"):
+        found.append((f"{prefix}.first_classes", f"{prefix}.classes already lists the classes"))
+    return found
+
+
+def list_or_value(value):
+    """A config value comparable with a dataclass default (ListConfig -> list)."""
+    return list(value) if not isinstance(value, (str, bytes)) and hasattr(value, "__iter__") else value
+
+
+def check_unused_options(cfg) -> None:
+    """Refuse settings the chosen options ignore, naming each one (``unused_options``)."""
+    from rsvc_cli.errors import RsvcError
+
+    found = unused_options(cfg)
+    if found:
+        described = "; ".join(f"{key}={_shown(cfg, key)} ({why})" for key, why in found)
+        keys = ", ".join(key for key, _ in found)
+        raise RsvcError(f"Setting(s) that the chosen options do not use, so they would change nothing: {described}.",
+                        f"Remove {keys}, or choose the option that reads them (e.g. dataset=imagefolder for a "
+                        "folder of images, decomposition=nmf for decomposition.signed).")
+
+
+def _shown(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = value.get(part)
+    return list_or_value(value)
