@@ -50,8 +50,7 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
 
     if run_cfg.storage_dtype not in STORAGE_DTYPES:
         raise RsvcError(f"storage_dtype={run_cfg.storage_dtype} is not an option.", "Use storage_dtype=float32 or float16.")
-    # One dummy forward: a layer whose output is not understood is refused before any image is read.
-    layers = resolve_layer_names(model.module, list(dict.fromkeys(layers)), input_size=model.input_size)
+    layers = resolve_layer_names(model.module, list(dict.fromkeys(layers)))
     geometry = patch_geometry(patch_cfg, model.input_size)
     store = store_dir(run_cfg)
     contents = {layer: activations_content(model, images, geometry, layer, run_cfg.storage_dtype) for layer in layers}
@@ -64,6 +63,9 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
             console.reused("activations", paths[layer])
     if not todo:
         return paths
+    # One forward pass of two blank images: a layer whose output is not understood is refused before any
+    # image is read (layers already extracted were checked when they were).
+    resolve_layer_names(model.module, todo, input_size=model.input_size)
 
     # One writer per artifact: take the locks in a fixed order (no deadlock between jobs asking for
     # overlapping layer sets), then look again, since a job we waited for may have written them.
