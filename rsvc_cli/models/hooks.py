@@ -231,6 +231,15 @@ def describe_layers(module: nn.Module, input_size: int | Sequence[int]) -> list[
     try:
         with _evaluating(module), torch.no_grad():
             module(torch.zeros(2, 3, height, width, device=device))
+    except RsvcError:
+        raise
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise RsvcError(
+            problem=f"The model cannot run on a batch of 3x{height}x{width} images to describe its layers "
+            f"({type(error).__name__}: {first}).",
+            fix="Set model.input_size to the input size the model expects, or check its model.kwargs.",
+        ) from error
     finally:
         for handle in handles:
             handle.remove()

@@ -113,7 +113,9 @@ def images_per_set(images) -> dict:
 def dataset_provenance(images, dataset_cfg) -> dict:
     d = to_plain(dataset_cfg)
     entry = {"name": d.get("name"), "classes": list(images.class_names), "group_by": d.get("group_by"),
-             "images_per_set": images_per_set(images), "seed": d.get("seed")}
+             "images_per_set": images_per_set(images), "seed": d.get("seed"),
+             # What was asked for; images_per_set is what the selection gave.
+             "requested": {k: d.get(k) for k in ("images_per_class", "split", "first_classes") if d.get(k) is not None}}
     # Every root the images come from, absolute: image paths then resolve from any folder.
     for key, value in d.items():
         if key.endswith("root") and value:
