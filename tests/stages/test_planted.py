@@ -55,7 +55,8 @@ class SquareDetector(torch.nn.Module):
 def _oracle_pair(cfg, model1_module, model2_module):
     images = load_image_sets(cfg.dataset)
     base = load_untrained_model(cfg.model1)
-    handle = lambda module: SimpleNamespace(module=module, input_size=base.input_size, mean=base.mean, std=base.std)  # noqa: E731
+    handle = lambda module: SimpleNamespace(module=module, input_size=base.input_size, mean=base.mean, std=base.std,  # noqa: E731
+                                            interpolation=base.interpolation, resize_size=base.resize_size)
     return SimpleNamespace(images=images, model1=handle(model1_module), model2=handle(model2_module))
 
 
