@@ -2,8 +2,9 @@
 
 Each stage has a primary config `configs/<stage>.yaml` and a task function `run(cfg)` in
 `rsvc_cli/stages/<stage>.py`. This module is the thin shell around them: it picks the stage,
-rewrites the two pair shorthands (`model1=NAME` is Hydra's `model@model1=NAME`), and turns a
-user error (`RsvcError`) into one paragraph on stderr and exit code 2. `--debug` (or
+rewrites the overrides (`rsvc_cli/overrides.py`: `model1=NAME` is Hydra's `model@model1=NAME`), prints
+a stage's short `--help`, and turns a user error (`RsvcError`, or a command line Hydra cannot
+compose) into one paragraph on stderr and exit code 2. `--debug` (or
 RSVC_DEBUG=1) shows tracebacks instead.
 """
 
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from rsvc_cli import runtime
 from rsvc_cli.errors import EXIT_USER_ERROR, RsvcError
+from rsvc_cli.overrides import (GROUP_ALIASES, check_added_keys, check_known_keys,  # noqa: F401 (re-exported)
+                                composition_error, normalize_overrides, stage_help)
 
 # stage -> (one-line description, module under rsvc_cli.stages)
 STAGES: dict[str, str] = {
@@ -35,60 +38,6 @@ STAGES: dict[str, str] = {
     "info": "describe an artifact (path=FILE) or a whole store",
     "doctor": "check a store, list incomplete or orphaned artifacts, clean them (clean=true)",
 }
-
-# Config groups mounted under another name in pair stages: `model1=X` means `model@model1=X`.
-GROUP_ALIASES = {"model1": "model@model1", "model2": "model@model2"}
-
-
-def model_presets() -> set[str]:
-    from importlib.resources import files
-
-    return {p.name[:-5] for p in files("rsvc_cli.configs").joinpath("model").iterdir() if p.name.endswith(".yaml")}
-
-
-def normalize_overrides(overrides: list[str]) -> list[str]:
-    """Rewrite `model1=NAME` / `model2=NAME` (also with a `~`/`+`/`++` prefix) to Hydra's group@package form.
-
-    A model name without a preset in configs/model/ (any timm name, e.g. `model=convnext_tiny`)
-    becomes `model.name=NAME` on the default preset, so every timm model works by name.
-    """
-    presets = None
-    out = []
-    for item in overrides:
-        prefix = ""
-        body = item
-        for p in ("++", "+", "~"):
-            if body.startswith(p):
-                prefix, body = p, body[len(p):]
-                break
-        key, sep, value = body.partition("=")
-        if key in ("model", "model1", "model2") and sep and not prefix and "," not in value and "(" not in value:
-            presets = presets if presets is not None else model_presets()
-            if value not in presets:
-                out.append(f"{key}.name={value}")
-                continue
-        if key in GROUP_ALIASES and (sep or prefix == "~"):
-            body = GROUP_ALIASES[key] + sep + value
-        out.append(prefix + body)
-    return out + shared_extraction_overrides(out)
-
-
-def shared_extraction_overrides(overrides: list[str]) -> list[str]:
-    """A sweep over `layer1=a,b,c` records all of a, b, c in one pass of model 1 (likewise layer2).
-
-    Each job of the sweep then asks for the same layer set; the first one extracts it, the others
-    wait on the artifact locks and reuse it, so each model sees each image once per sweep.
-    """
-    keys = {item.partition("=")[0] for item in overrides}
-    extra = []
-    for n in ("1", "2"):
-        for item in overrides:
-            key, _, value = item.partition("=")
-            if key == f"layer{n}" and "," in value and not value.startswith(("[", "range(", "glob(", "choice(")) \
-                    and f"extract_layers{n}" not in keys:
-                extra.append(f"extract_layers{n}=[{value}]")
-    return extra
-
 
 def print_user_error(err: RsvcError) -> None:
     text = textwrap.fill(f"rsvc: {err.message}", width=100, break_long_words=False, break_on_hyphens=False)
@@ -145,11 +94,15 @@ def check_store(stage: str, overrides: list[str]) -> None:
                         "Point store=DIR at a folder you can write (it is created if missing), not at a file.")
 
 
-def run_task(task, cfg):
-    """Call a stage's task function, turning user errors into a paragraph and exit code 2."""
+def run_task(task, cfg, stage: str | None = None):
+    """Call a stage's task function, turning user errors into a paragraph and exit code 2.
+
+    With `stage`, keys a `+` added that the stage's schema does not hold are refused first."""
     from rsvc_cli.config import check_unused_options
 
     try:
+        if stage is not None:
+            check_known_keys(stage, cfg)
         check_unused_options(cfg)  # no silent no-ops, before any work
         return task(cfg)
     except RsvcError as err:
@@ -195,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"rsvc {__version__}")
         return 0
+    if os.environ.get("RSVC_STORE", "").startswith("~"):  # Hydra's run folder is ${store}/.runs: never ./~
+        os.environ["RSVC_STORE"] = os.path.expanduser(os.environ["RSVC_STORE"])
     stage, overrides = argv[0], argv[1:]
     if stage not in STAGES:
         import difflib
@@ -208,21 +163,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stage(stage: str, overrides: list[str]) -> int:
+    if any(item in ("--help", "-h") for item in overrides):
+        # rsvc's own short help: composing the config takes a second, importing the stage (torch) several.
+        rest = [item for item in overrides if item not in ("--help", "-h")]
+        try:
+            print(stage_help(stage, STAGES[stage], rest))
+        except Exception as err:  # the same paragraphs as a run for overrides that do not compose
+            if debug_enabled():
+                raise
+            print_user_error(composition_error(stage, rest, err))
+            return EXIT_USER_ERROR
+        return 0
+
     import hydra
 
     from rsvc_cli.config import register_configs
 
     register_configs()
-    module = importlib.import_module(f"rsvc_cli.stages.{stage}")
-
     started = []
 
     @hydra.main(config_path="pkg://rsvc_cli.configs", config_name=stage, version_base="1.3")
     def _hydra_main(cfg):
         started.append(True)
-        return run_task(module.run, cfg)
+        module = importlib.import_module(f"rsvc_cli.stages.{stage}")  # after --cfg/--info, which need no torch
+        return run_task(module.run, cfg, stage)
 
     try:
+        check_added_keys(stage, overrides)
         check_store(stage, overrides)
     except RsvcError as err:
         if debug_enabled():
@@ -231,19 +198,22 @@ def run_stage(stage: str, overrides: list[str]) -> int:
         return EXIT_USER_ERROR
     # Hydra's parser takes its flags before the overrides only: `rsvc compare a=1 -m b=1,2` works too.
     flags = [item for item in overrides if item in ("-m", "--multirun")]
-    saved = sys.argv
+    saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [f"rsvc {stage}", *flags, *[item for item in overrides if item not in flags]]
+    # Hydra then raises its composition errors instead of printing them with its own advice
+    # ("Set HYDRA_FULL_ERROR=1"); rsvc says what is wrong in its own words, --debug shows the traceback.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
-    except SystemExit as exit_:
-        if exit_.code == 1 and not started and not debug_enabled():
-            # Hydra exits 1 when the command line does not compose (unknown key or option, wrong
-            # type), having printed why; say how to find the valid ones, as a user error.
-            print_user_error(RsvcError(f"The overrides above do not make a valid configuration for `rsvc {stage}`.",
-                                       f"`rsvc {stage} --help` lists the config groups and their options, "
-                                       f"`rsvc {stage} --cfg job` every key with its value."))
-            raise SystemExit(EXIT_USER_ERROR) from None
-        raise
+    except Exception as err:
+        if started or debug_enabled():
+            raise
+        print_user_error(composition_error(stage, [item for item in overrides if item not in flags], err))
+        raise SystemExit(EXIT_USER_ERROR) from None
     finally:
-        sys.argv = saved
+        sys.argv = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved[1]
     return 0

@@ -7,6 +7,8 @@ Raise ``RsvcError(problem, fix)`` anywhere below ``stages``; the CLI catches it,
 
 from __future__ import annotations
 
+import re
+
 EXIT_USER_ERROR = 2
 
 
@@ -22,3 +24,16 @@ class RsvcError(Exception):
     @property
     def message(self) -> str:
         return f"{self.problem} {self.fix}".strip()
+
+
+def clip(text: str, limit: int = 240) -> str:
+    """The start of another library's message, cut at a sentence end (or failing that a word) so a
+    paragraph never ends mid-sentence: whole sentences up to `limit` characters."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(text)).split())  # without terminal colour codes
+    if len(text) <= limit:
+        return text.rstrip(".")
+    head = text[:limit]
+    end = max(head.rfind(". "), head.rfind("; "))
+    if end > limit // 3:
+        return head[:end]
+    return head.rsplit(" ", 1)[0].rstrip(",;:(") + " ..."

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsvc_cli.errors import RsvcError
+from rsvc_cli.errors import RsvcError, clip
 
 # Keys under which training scripts nest the weights, in order of preference.
 STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
@@ -100,9 +100,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _unreadable(path: Path, error: Exception) -> RsvcError:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "Weights only load failed" in str(error):
+        return RsvcError(
+            problem=f"Checkpoint {str(path)!r} holds pickled Python objects besides tensors, which rsvc does "
+            "not load because unpickling them could run any code (torch.load with weights_only=True).",
+            fix="Where you trust the file, save its weights alone with torch.save(model.state_dict(), PATH) "
+            "and pass that file as model.checkpoint=PATH.",
+        )
     return RsvcError(
-        problem=f"Checkpoint {str(path)!r} could not be read as torch weights ({first_line[:200]}).",
+        problem=f"Checkpoint {str(path)!r} could not be read as torch weights ({type(error).__name__}: "
+        f"{clip(error) or 'no message'}).",
         fix="Pass a file saved with torch.save(model.state_dict(), PATH) (or a .safetensors file) "
         "as model.checkpoint=PATH.",
     )
@@ -181,7 +188,7 @@ def load_state_dict_strict(
     except RuntimeError as error:
         raise RsvcError(
             problem=f"Checkpoint {source!r} does not load into model {model_name!r}: "
-            f"{str(error).splitlines()[0][:300]}",
+            f"{clip(error)}.",
             fix="Pass the checkpoint trained for this architecture as model.checkpoint=PATH.",
         ) from error
 
@@ -207,12 +214,23 @@ def _mismatch_error(module, model_name, source, missing, unexpected, mismatched)
             f"Only the classifier differs: the checkpoint has {head_classes} classes, so set "
             f"model.num_classes={head_classes}."
         )
+    elif _is_import_path(model_name):
+        fix = (
+            f"Build {model_name} with the arguments the checkpoint was saved with (model.kwargs, "
+            "e.g. model.kwargs.depth=32), or pass the checkpoint trained for this module as "
+            "model.checkpoint=PATH."
+        )
     else:
         fix = (
             "Set model.name to the architecture the checkpoint was saved from, or pass the "
             "checkpoint trained for this model as model.checkpoint=PATH."
         )
     return RsvcError(problem=problem, fix=fix)
+
+
+def _is_import_path(name: str) -> bool:
+    """A custom model is labelled by its import path (pkg.module.Class or pkg.module:function)."""
+    return ":" in name or name.count(".") >= 2
 
 
 def _few(keys: list[str]) -> str:

@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rsvc_cli.errors import RsvcError
+from rsvc_cli.errors import RsvcError, clip
 from rsvc_cli.models.cifar import BUILTIN_MODELS
 from rsvc_cli.models.loading import DataConfig, data_config_of, file_digest, load_checkpoint
 
 HF_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 N_SUGGESTIONS = 5
+# Seconds to wait for a TCP connection to the weights' host (or the proxy) before working offline:
+# without it the Hub client retries for about a minute when there is no network.
+HUB_PROBE_TIMEOUT_S = 4.0
 
 
 @dataclass
@@ -75,7 +78,7 @@ def make_model(
 
     digest = None
     if checkpoint is not None:
-        load_checkpoint(module, checkpoint, label)
+        load_checkpoint(module, checkpoint, target or label)
         digest = file_digest(checkpoint)
     module.eval()
     data_config = data_config_of(module)
@@ -118,6 +121,7 @@ def _make_timm(name: str, kwargs: dict, pretrained: bool, checkpoint: str | None
     import timm
 
     download = pretrained and checkpoint is None
+    unreachable = _go_offline_unless_reachable(name) if download else None
     if not name.startswith(HF_HUB_PREFIXES):
         _check_pretrained_tag(name)
         if download:
@@ -135,9 +139,10 @@ def _make_timm(name: str, kwargs: dict, pretrained: bool, checkpoint: str | None
                 problem=f"timm could not build model {name!r} ({type(error).__name__}: {_first_line(error)}).",
                 fix="Check model.name and model.kwargs against timm's documentation for this model.",
             ) from error
+        why = (f"{unreachable} cannot be reached and they are not in the local cache" if unreachable
+               else f"{type(error).__name__}: {_first_line(error)}")
         raise RsvcError(
-            problem=f"Pretrained weights for timm model {name!r} could not be obtained "
-            f"({type(error).__name__}: {_first_line(error)}).",
+            problem=f"Pretrained weights for timm model {name!r} could not be obtained ({why}).",
             fix="Download them where there is network access, or pass a local weights file as "
             "model.checkpoint=PATH.",
         ) from error
@@ -160,20 +165,72 @@ def _check_pretrained_tag(name: str) -> None:
         ) from error
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants as hub_constants
+
+    return getattr(hub_constants, "is_offline_mode", lambda: hub_constants.HF_HUB_OFFLINE)()
+
+
+def _go_offline_unless_reachable(name: str) -> str | None:
+    """Switch the Hub client to offline mode (cached weights only) when the weights' host, or the
+    proxy in between, does not answer within HUB_PROBE_TIMEOUT_S: the failure then comes at once.
+    Returns the host that could not be reached, None when it could (or offline mode was set)."""
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants as hub_constants
+
+    if _hub_offline():
+        return None
+    url = hub_constants.ENDPOINT
+    if not name.startswith(HF_HUB_PREFIXES):
+        from timm.models import get_pretrained_cfg
+
+        try:
+            pretrained_cfg = get_pretrained_cfg(name)
+        except RuntimeError:
+            return None  # an unknown tag: _check_pretrained_tag says so
+        if pretrained_cfg is not None and not pretrained_cfg.hf_hub_id and pretrained_cfg.url:
+            url = pretrained_cfg.url
+    target = urlparse(url)
+    proxy = urllib.request.getproxies().get(target.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
+    reached = []
+
+    def probe():  # name resolution ignores socket timeouts, hence the thread
+        try:
+            socket.create_connection(address, timeout=HUB_PROBE_TIMEOUT_S).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 1)
+    if reached:
+        return None
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
+    return address[0]
+
+
 def _check_weights_reachable(name: str) -> None:
     """Fail at once, offline, for weights timm would fetch from a URL (torch.hub has no offline mode)."""
-    from huggingface_hub import constants as hub_constants
     from timm.models import get_pretrained_cfg
 
     pretrained_cfg = get_pretrained_cfg(name)
-    is_offline = getattr(hub_constants, "is_offline_mode", lambda: hub_constants.HF_HUB_OFFLINE)
-    if not is_offline() or pretrained_cfg is None or pretrained_cfg.hf_hub_id:
+    if not _hub_offline() or pretrained_cfg is None or pretrained_cfg.hf_hub_id:
         return  # the Hugging Face Hub client itself fails fast offline
     url = pretrained_cfg.url or ""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if url and not cached.is_file():
         raise RsvcError(
-            problem=f"Pretrained weights for timm model {name!r} are not cached and HF_HUB_OFFLINE is set.",
+            problem=f"Pretrained weights for timm model {name!r} are not cached, and the network cannot be "
+            "reached or HF_HUB_OFFLINE is set.",
             fix="Download them where there is network access, or pass a local weights file as "
             "model.checkpoint=PATH.",
         )
@@ -242,12 +299,40 @@ def _import_object(target: str):
 
 
 def _call_constructor(constructor, kwargs: dict, label: str) -> nn.Module:
+    """Call the constructor with model.kwargs; a missing, unknown or rejected argument is named."""
+    import inspect
+
+    try:
+        signature = inspect.signature(constructor)
+    except (TypeError, ValueError):  # some builtins and C extensions have none
+        signature = None
+    if signature is not None:
+        params = signature.parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [] if takes_any else [k for k in kwargs if k not in named]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], named, n=N_SUGGESTIONS)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise RsvcError(
+                problem=f"Model {label!r} takes no argument {unknown[0]!r} (its arguments: {', '.join(named)}).{hint}",
+                fix=f"Remove or rename model.kwargs.{unknown[0]}.",
+            )
+        missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if missing:
+            raise RsvcError(
+                problem=f"Model {label!r} needs the argument{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)}, which model.kwargs does not give.",
+                fix="Set " + " ".join(f"model.kwargs.{n}=VALUE" for n in missing) + " (model1.kwargs... and "
+                "model2.kwargs... in a comparison).",
+            )
     try:
         return constructor(**kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise RsvcError(
-            problem=f"Model {label!r} does not accept the arguments {sorted(kwargs)}: {error}.",
-            fix="Remove or rename the offending entries of model.kwargs (or model.num_classes).",
+            problem=f"Model {label!r} rejects the arguments model.kwargs={kwargs}: {_first_line(error)}.",
+            fix="Correct the entries of model.kwargs (or model.num_classes) named above.",
         ) from error
 
 
@@ -301,4 +386,4 @@ def _unknown_model_error(name: str) -> RsvcError:
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    return clip(text, 300) if text else type(error).__name__
