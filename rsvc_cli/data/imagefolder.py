@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rsvc_cli.errors import RsvcError
+from rsvc_cli.errors import RsvcError, clip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+# Unreadable images listed in one message at most; the count of the rest follows.
+MAX_LISTED_PROBLEMS = 20
 
 # Integer and float modes (16-bit PNG/TIFF greyscale, float TIFF) that PIL's convert("RGB")
 # would clip to 255 instead of rescaling.
@@ -67,29 +71,79 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _bomb_problem(path: str, error: Exception) -> str:
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    size = f" ({int(pixels.group(1)) / 1e6:.0f} Mpx)" if pixels else ""
+    return (f"{path} is too large to decode safely{size}: PIL refuses images over "
+            f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpx as possible decompression bombs")
+
+
+def _missing_problem(path: str) -> str | None:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist"
+    if not os.path.exists(path):
+        return f"{path} no longer exists"
+    if os.path.getsize(path) == 0:
+        return f"{path} is empty (0 bytes)"
+    return None
+
+
+def image_problem(path: str, min_side: int | None = None) -> str | None:
+    """Why ``path`` cannot be used, judged from its header (cheap: no pixel is decoded); None if
+    it can. ``min_side``: the smallest width and height accepted."""
+    problem = _missing_problem(path)
+    if problem:
+        return problem
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as error:
+        return _bomb_problem(path, error)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        return f"{path} cannot be read ({type(error).__name__}: {clip(error, 160)})"
+    if min_side and min(width, height) < min_side:
+        return f"{path} is {width}x{height} px, smaller than the {min_side} px a patch needs"
+    return None
+
+
+def check_images(paths: Sequence[str], min_side: int | None = None) -> None:
+    """Every image in ``paths`` must open and be at least ``min_side`` px wide and high: one
+    RsvcError lists the ones that are not (up to MAX_LISTED_PROBLEMS) with what to do."""
+    problems = [problem for problem in (image_problem(p, min_side) for p in paths) if problem]
+    if not problems:
+        return
+    shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = f"; and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+    small = f" (images under {min_side} px are too small for the patch geometry: patch.size=null uses " \
+            "whole images)" if min_side and any("smaller than" in p for p in problems) else ""
+    raise RsvcError(
+        problem=f"{len(problems)} of the {len(paths)} selected images cannot be used: {shown}{more}.",
+        fix="Remove these files from the dataset folder (for a dangling symbolic link, the link itself) or "
+        f"replace them with readable images (an oversized one downscaled, e.g. to 4096 px){small}, then run "
+        "the same command again.",
+    )
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open ``path`` fully (so truncation shows here, not later) and return it as RGB."""
+    problem = _missing_problem(path)
+    if problem:
+        raise RsvcError(problem=f"Image file {problem}.",
+                        fix="Remove it from the dataset folder (a dangling link: the link itself) or restore it, "
+                        "then run the same command again.")
     try:
-        if os.path.getsize(path) == 0:
-            raise RsvcError(
-                problem=f"Image file {path} is empty (0 bytes).",
-                fix="Delete it or replace it with a valid copy, then rerun.",
-            )
         with Image.open(path) as image:
             image.load()
             return to_rgb(image)
-    except RsvcError:
-        raise
-    except FileNotFoundError:
-        raise RsvcError(
-            problem=f"Image file {path} no longer exists.",
-            fix="Restore it, or rerun so the dataset is scanned again.",
-        ) from None
+    except Image.DecompressionBombError as error:
+        raise RsvcError(problem=f"Image file {_bomb_problem(path, error)}.",
+                        fix="Downscale it (e.g. to 4096 px) or remove it from the dataset folder, then run the "
+                        "same command again.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         # PIL reports corrupt and truncated files through all of these.
         raise RsvcError(
-            problem=f"Image file {path} cannot be read ({type(error).__name__}: {error}).",
-            fix="Delete it or replace it with a valid copy, then rerun.",
+            problem=f"Image file {path} cannot be read ({type(error).__name__}: {clip(error, 160)}).",
+            fix="Delete it or replace it with a valid copy, then run the same command again.",
         ) from None
 
 
@@ -176,6 +230,10 @@ class ImageFolderSource:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def check(self, indices: Iterable[int], min_side: int | None = None) -> None:
+        """Images ``indices`` must all open (see ``check_images``)."""
+        check_images([self.paths[int(i)] for i in indices], min_side)
 
     def load_image(self, index: int) -> Image.Image:
         """Image ``index`` as an RGB PIL image; RsvcError naming the file if it cannot be read."""

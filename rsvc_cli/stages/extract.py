@@ -90,6 +90,8 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
     n_patches = n_images * patches_per_image
     module = model.module.to(device).eval()
     seeds = {"dataset.seed": images.identity["seed"]}
+    if hasattr(images.source, "check"):  # image files: every unusable one listed before anything is written
+        images.source.check(images.image_index, min_side=geometry[0])
 
     with contextlib.ExitStack() as stack:
         writers = {l: stack.enter_context(ArtifactWriter(paths[l], "activations", contents[l], seeds=seeds, resume=True))
