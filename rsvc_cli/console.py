@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from typing import Iterable, Sequence
 
 from rich.console import Console
@@ -30,11 +31,71 @@ def wrote(kind: str, path) -> None:
     _err.print(f"[bold]wrote[/bold] {kind} {path}")
 
 
-def progress(total: int, desc: str, unit: str = "it", initial: int = 0) -> tqdm:
-    """A progress bar with a rate; silent when stderr is not a terminal and RSVC_PROGRESS is unset."""
-    disable = None if os.environ.get("RSVC_PROGRESS", "") not in ("0", "false") else True
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True,
-                file=sys.stderr, disable=disable, unit_scale=True, leave=False)
+# A progress line at most this often when stderr is not a terminal (a SLURM log, a file).
+LOG_INTERVAL_S = 30.0
+
+
+def progress(total: int, desc: str, unit: str = "it", initial: int = 0):
+    """Progress of one stage: a bar with integer counts and a rate on a terminal; written to a file
+    (stderr not a terminal), one line at most every LOG_INTERVAL_S seconds with the rate and the
+    time left. RSVC_PROGRESS=0 silences both, RSVC_PROGRESS=1 forces the bar."""
+    setting = os.environ.get("RSVC_PROGRESS", "")
+    if setting in ("0", "false"):
+        return tqdm(total=total, disable=True)
+    if setting in ("1", "true") or sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, file=sys.stderr,
+                    leave=False, bar_format="{l_bar}{bar}| {n}/{total} {unit} [{elapsed}<{remaining}, {rate_fmt}]")
+    return LogProgress(total, desc, unit, initial)
+
+
+class LogProgress:
+    """The file form of a progress bar: "extract m [layer3]: 1200/5000 patch (24%), 410 patch/s,
+    about 9 s left" when LOG_INTERVAL_S has passed since the last line, and once at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0,
+                 interval: float = LOG_INTERVAL_S, clock=time.monotonic):
+        self.total, self.desc, self.unit, self.interval, self.clock = int(total), desc, unit, interval, clock
+        self.n = self.initial = int(initial)
+        self.start = self.last = clock()
+        self.postfix = ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += int(n)
+        if self.clock() - self.last >= self.interval:
+            self.report()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}" for k, v in values.items())
+
+    def report(self) -> None:
+        now = self.clock()
+        self.last = now
+        done = self.n - self.initial
+        rate = done / max(now - self.start, 1e-9)
+        line = f"{self.desc}: {self.n}/{self.total} {self.unit}"
+        if self.total:
+            line += f" ({100 * self.n / self.total:.0f}%)"
+        line += f", {rate:.3g} {self.unit}/s"
+        if 0 < self.n < self.total and rate > 0:
+            line += f", about {duration((self.total - self.n) / rate)} left"
+        elif self.n >= self.total:
+            line += f", done in {duration(now - self.start)}"
+        if self.postfix:
+            line += f", {self.postfix}"
+        _err.print(line, markup=False)
+
+    def close(self) -> None:
+        if self.n > self.initial and self.clock() - self.start >= self.interval:
+            self.report()  # a stage long enough to have been reported says when it ends
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
 
 
 def fmt(value, digits: int = 3) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
 from rsvc_cli.store.keys import stage_content
@@ -120,7 +121,7 @@ def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activation
         check_finite(acts.values, f"The activations of {model.label} at {layer}")
         check_varies(acts.values[acts.image_set == CONCEPT_SET], f"The activations of {model.label} at {layer}")
         predicted = predicted_class_positions(model, images, cfg) if group_by == "predicted" else None
-        fitted = fit_concepts(acts, params, group_by, device, predicted)
+        fitted = fit_concepts(acts, params, group_by, device, predicted, desc=f"decompose {model.label} {layer}")
         f.attrs["per_class"] = bool(params["per_class"])
         f.attrs["signed"] = params["signed"]
         write_array(f, "class_names", np.array(acts.class_names, dtype=str), "class")
@@ -171,7 +172,7 @@ def make_estimator(params: dict):
 
 
 def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.device,
-                 predicted_of_image: np.ndarray | None = None) -> dict[str, dict]:
+                 predicted_of_image: np.ndarray | None = None, desc: str = "decompose") -> dict[str, dict]:
     values = prepare_activations(acts.values, params["method"], params["signed"])
     classes = class_of_patch(acts, group_by, predicted_of_image)
     concept_rows = acts.image_set == CONCEPT_SET
@@ -195,6 +196,7 @@ def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.d
     by_size: dict[int, list[str]] = {}
     for name, rows in groups.items():
         by_size.setdefault(len(rows), []).append(name)
+    bar = console.progress(len(groups), desc, unit="class")
     for names in by_size.values():
         batch = torch.from_numpy(np.stack([values[groups[n]] for n in names])).to(device, torch.float64)
         estimator = make_estimator(params)
@@ -215,6 +217,8 @@ def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.d
                              "rows": groups[name], "reconstruction_error": errors[i],
                              "relative_reconstruction_error": errors[i] / max(norms[i], 1e-30),
                              "mean": None if means is None else means[i].cpu().numpy().astype(np.float32)}
+        bar.update(len(names))
+    bar.close()
     return results
 
 

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import torch
 
+from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
 from rsvc_cli.store.keys import stage_content
@@ -156,8 +157,13 @@ def regress(pair: Pair, cfg) -> Path:
             predicted = [predicted_class_positions(m, pair.images, cfg) for m in (pair.model1, pair.model2)]
         # Per class: rows and true coefficients of both models on both sets.
         per_class = {}
+        # Per class: its concept coefficients, then one solve for each of the four directions.
+        bar = console.progress(5 * len(a1.class_names), f"regress {pair.model1.label} vs {pair.model2.label}",
+                               unit="step")
         for c, name in enumerate(a1.class_names):
+            bar.update(1)
             if name not in c1.concept_basis and c1.per_class:
+                bar.update(len(DIRECTIONS))
                 continue
             rows_reg = comparison_rows(a1, c, REGRESSION_SET, group_by, predicted)
             rows_eval = comparison_rows(a1, c, EVALUATION_SET, group_by, predicted)
@@ -195,11 +201,13 @@ def regress(pair: Pair, cfg) -> Path:
                 cv = cross_validate(to(X), to(Y).double(), torch.from_numpy(folds).to(device), regressor)
                 held_out = cv.held_out_prediction.cpu().numpy()
                 evaluation = cv.predict(to(X_eval)).cpu().numpy() if X_eval.shape[1] else np.zeros((len(names), 0, Y.shape[-1]))
+                bar.update(len(names))
                 for i, name in enumerate(names):
                     g = f.require_group(f"classes/{name}/{direction_group(direction)}")
                     g.attrs["direction"] = direction
                     write_array(g, "held_out_prediction", held_out[i].astype(np.float32), "patch,concept")
                     write_array(g, "evaluation_prediction", evaluation[i].astype(np.float32), "patch,concept")
+        bar.close()
 
     prefix = f"{pair.model1.label}-{pair.layer1}-vs-{pair.model2.label}-{pair.layer2}-{params['method']}"
     return produce(store_dir(cfg), "regression", prefix, content, write, seeds={"regression.seed": params["seed"]})
