@@ -82,13 +82,11 @@ def check_store(stage: str, overrides: list[str]) -> None:
     path = Path(store).expanduser()
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     reason = f"{blocker} is a file" if blocker is not None else None
-    if reason is None:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            if not os.access(path, os.W_OK | os.X_OK):
-                reason = "it is not writable"
-        except OSError as err:
-            reason = err.strerror
+    # Nothing is created here (a command line that does not compose leaves no folder behind):
+    # the nearest existing folder on the way must let rsvc write.
+    existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    if reason is None and existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is not writable"
     if reason is not None:
         raise RsvcError(f"The store {path} cannot be used as a folder to write artifacts in ({reason}).",
                         "Point store=DIR at a folder you can write (it is created if missing), not at a file.")

@@ -37,7 +37,7 @@ def test_hydra_features_per_stage(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "cifar_resnet56" in r.stdout and "layer2" in r.stdout
     r = rsvc("compare", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "model1=NAME" in r.stdout and "experiment" in r.stdout
+    assert r.returncode == 0 and "model1, model2:" in r.stdout and "experiment" in r.stdout
     r = rsvc("score", "--info", "searchpath", cwd=tmp_path)
     assert "pkg://rsvc_cli.configs" in r.stdout
     assert not any(tmp_path.iterdir()), "Hydra wrote nothing into the working directory"
