@@ -1,8 +1,10 @@
-"""rsvc info: describe one artifact (path=FILE), or list a store's artifacts (store=DIR)."""
+"""rsvc info: describe one artifact (path=FILE), or list a store (store=DIR): its reports, then its
+artifacts by kind, each with the settings that tell it apart from the others of its kind."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import h5py
@@ -10,15 +12,27 @@ import h5py
 from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import FORMAT, read_attrs
-from rsvc_cli.store.catalog import list_artifacts
+from rsvc_cli.store.catalog import differing, list_artifacts
 
 
 def run(cfg) -> dict:
     if cfg.path:
         return describe(Path(str(cfg.path)))
-    rows = list_artifacts(Path(str(cfg.store)))
-    console.table(f"store {cfg.store}", ["kind", "file", "state", "size MB"],
-                  [(r.kind, r.path.name, r.state, f"{r.size / 1e6:.2f}") for r in rows])
+    store = Path(str(cfg.store)).expanduser()
+    rows = list_artifacts(store)
+    reports = sorted(store.glob("reports/*/index.html"))
+    if reports:
+        console.table(f"reports in {store}", ["comparison", "date", "report"],
+                      [(p.parent.name, datetime.fromtimestamp(p.stat().st_mtime).strftime("%Y-%m-%d %H:%M"), str(p))
+                       for p in reports])
+    for kind in dict.fromkeys(r.kind for r in rows):
+        group = [r for r in rows if r.kind == kind]
+        apart = differing([r for r in group if r.state == "complete"])
+        console.table(f"{kind} ({len(group)})", ["file", "state", "size MB", "settings that tell them apart"],
+                      [(r.path.name, r.state, f"{r.size / 1e6:.2f}",
+                        "  ".join(f"{k}={short(r.settings.get(k))}" for k in apart)) for r in group])
+    if not rows:
+        console.say(f"{store} holds no artifacts.")
     return {"artifacts": rows}
 
 
@@ -29,6 +43,12 @@ def show_provenance(provenance: dict) -> None:
     if banner:
         console.say(f"[bold yellow]{banner}[/bold yellow]")
     console.table("provenance (what made these numbers)", ["", "value"], list(provenance_rows(provenance).items()))
+
+
+def short(value) -> str:
+    """A setting for a table cell: digests (checkpoint files, upstream keys) cut to 12 characters."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:12] + "…" if isinstance(value, str) and len(text) > 24 and " " not in text else text
 
 
 def describe(path: Path) -> dict:
