@@ -100,7 +100,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _unreadable(path: Path, error: Exception) -> RsvcError:
-    if "Weights only load failed" in str(error):
+    if "Unsupported global" in str(error):  # a pickled object, not a damaged file
         return RsvcError(
             problem=f"Checkpoint {str(path)!r} holds pickled Python objects besides tensors, which rsvc does "
             "not load because unpickling them could run any code (torch.load with weights_only=True).",

@@ -247,7 +247,7 @@ def test_name_may_itself_be_an_import_path(tiny_module_on_path):
     [
         ("tiny_custom_net_missing.TinyNet", {}, "Cannot import"),
         ("tiny_custom_net.TinyNett", {}, "TinyNet"),
-        ("tiny_custom_net.TinyNet", {"depth": 3}, "does not accept"),
+        ("tiny_custom_net.TinyNet", {"depth": 3}, "takes no argument 'depth'"),
         ("tiny_custom_net.torch", {}, "not a class or function"),
     ],
 )
