@@ -146,6 +146,13 @@ class ImportanceConfig:
 
 
 @dataclass
+class CollageConfig:
+    # false: no collage PNGs (the CIFAR preset makes about 800) and no image cards in the report;
+    # the scores, tables and plots are the same.
+    enabled: bool = True
+
+
+@dataclass
 class RunConfig:
     """Settings shared by every stage that do not change any number."""
 
@@ -202,6 +209,7 @@ class PairConfig(RunConfig):
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    collage: CollageConfig = field(default_factory=CollageConfig)
     n_tiles: int = 8
     report: bool = True
     report_dir: Optional[str] = None

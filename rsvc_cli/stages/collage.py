@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rsvc_cli import console
+from rsvc_cli.errors import RsvcError
 from rsvc_cli.stages.common import store_dir
 from rsvc_cli.stages.decompose import read_activations
 from rsvc_cli.stages.regress import prepare_pair, read_regression, regress, regression_content, regression_params
@@ -32,6 +33,10 @@ COLLAGE_KINDS = ("top", "over", "under")
 
 
 def run(cfg) -> dict:
+    if not cfg.collage.enabled:
+        raise RsvcError("rsvc collage only makes collages, so collage.enabled=false leaves it nothing to do.",
+                        "Drop collage.enabled=false here; it belongs to rsvc compare and rsvc report, where it skips "
+                        "the collages.")
     pair = prepare_pair(cfg)
     result = score(pair, cfg, regress(pair, cfg))
     return collage(pair, cfg, result)

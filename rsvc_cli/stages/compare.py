@@ -27,7 +27,9 @@ def run(cfg) -> dict:
     # The full table before the pictures: a failing collage (disk full) must not leave the table
     # that `score` wrote without its importance columns.
     result["table"] = write_results_table(result["path"].with_suffix(".csv"), result, extra_columns=extra)
-    result["collages"] = collage_stage.collage(pair, cfg, result)
+    result["collages"] = collage_stage.collage(pair, cfg, result) if cfg.collage.enabled else {}
+    if not cfg.collage.enabled:
+        console.say("collages skipped (collage.enabled=false): the report has no image cards")
     # Comparison images with squares on exactly one class: the planted-concept experiment's checks.
     check = planted.planted_check(pair, cfg, result)
     if check is not None:

@@ -22,7 +22,7 @@ def run(cfg) -> Path:
     result = score(pair, cfg, regress(pair, cfg))
     if cfg.importance.enabled:
         result["importance"] = importance_stage.importance(pair, cfg, result)
-    result["collages"] = collage(pair, cfg, result)
+    result["collages"] = collage(pair, cfg, result) if cfg.collage.enabled else {}
     path = report(pair, cfg, result)
     from rsvc_cli import console
 

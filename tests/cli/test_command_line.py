@@ -195,3 +195,51 @@ def test_tilde_paths_are_the_home_folder(tmp_path, capsys, monkeypatch):
     code, err = run_main(["extract", "model=resnet_18", "store=~/rsvc-store"], capsys)
     assert_one_paragraph(code, err, "Unknown model 'resnet_18'")
     assert not (work / "~").exists() and (tmp_path / "home" / "rsvc-store").is_dir()
+
+
+def test_progress_written_to_a_file_is_a_line_every_30_s_with_rate_and_time_left(capsys):
+    from rsvc_cli import console
+
+    now = [0.0]
+    bar = console.LogProgress(1000, "extract cifar_resnet20 [layer3]", "patch", clock=lambda: now[0])
+    for _ in range(10):  # 100 patches every 10 s
+        now[0] += 10.0
+        bar.update(100)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "extract cifar_resnet20 [layer3]: 300/1000 patch (30%), 10 patch/s, about 1 min 10 s left",
+        "extract cifar_resnet20 [layer3]: 600/1000 patch (60%), 10 patch/s, about 40 s left",
+        "extract cifar_resnet20 [layer3]: 900/1000 patch (90%), 10 patch/s, about 10 s left",
+        "extract cifar_resnet20 [layer3]: 1000/1000 patch (100%), 10 patch/s, done in 1 min 40 s",
+    ]
+
+
+def test_terminal_bar_counts_in_integers(monkeypatch):
+    from rsvc_cli import console
+
+    monkeypatch.setenv("RSVC_PROGRESS", "1")
+    bar = console.progress(4, "importance model1", unit="class")
+    bar.update(3)
+    text = str(bar)
+    bar.close()
+    assert "3/4 class" in text and "3.00" not in text
+
+
+@pytest.mark.slow
+def test_collages_can_be_switched_off(tmp_path, capsys, monkeypatch):
+    """A small synthetic comparison (2 classes x 6 images) without collages: the report is written,
+    no concept grid is; `rsvc collage` itself refuses the switch rather than doing nothing."""
+    monkeypatch.delenv("RSVC_DEBUG", raising=False)
+    store = tmp_path / "store"
+    small = ["model1=cifar_resnet20", "model2=tiniest", "layer1=layer2", "layer2=l3", "dataset.n_classes=2",
+             "dataset.images_per_class=6", "decomposition=semi_nmf", "decomposition.n_concepts=2",
+             "decomposition.max_iter=20", "regression=ridge", "regression.n_folds=2", "device=cpu"]
+    code, err = run_main(["compare", *small, "importance.enabled=false", "collage.enabled=false", f"store={store}"],
+                         capsys)
+    assert code in (0, None), err
+    assert "collages skipped" in err and len(list(store.glob("reports/*/index.html"))) == 1
+    grids = [p for p in store.rglob("*.png") if p.stem.endswith(("_top", "_over", "_under"))]
+    assert not grids
+    code, err = run_main(["collage", *small, "collage.enabled=false", f"store={store}"], capsys)
+    assert_one_paragraph(code, err, "collage.enabled=false leaves it nothing to do")
