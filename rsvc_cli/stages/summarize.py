@@ -22,6 +22,7 @@ from rsvc_cli.errors import RsvcError
 from rsvc_cli.stages.common import store_dir
 from rsvc_cli.stages.score import read_scores, summary_numbers
 from rsvc_cli.store.artifact import check_artifact
+from rsvc_cli.store.catalog import flatten
 from rsvc_cli.store.keys import content_key
 
 # measure -> (what it is, the heatmap's title, its colour bar)
@@ -75,17 +76,44 @@ def comparison_settings(config: dict) -> tuple[dict, dict, str, str, str]:
     return a1["model"], a2["model"], a1["layer"], a2["layer"], content_key(settings)
 
 
+def settings_without_layers(config: dict) -> dict:
+    """A scores config's settings, flattened, with the layers (which vary inside one comparison) left out."""
+    return {k: v for k, v in flatten(config).items() if not k.endswith(".activations.layer")}
+
+
+def differing_titles(comparisons: dict) -> dict:
+    """{comparison key: "alpha=0.05, n_concepts=5"}: for a model pair compared with several settings,
+    the settings in which its groups differ (each named by its last part, or its whole path if ambiguous)."""
+    titles = {}
+    for key, entry in comparisons.items():
+        same_pair = [e["settings"] for k, e in comparisons.items() if k[:2] == key[:2]]
+        if len(same_pair) < 2:
+            continue
+        keys = sorted({k for settings in same_pair for k in settings})
+        apart = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in same_pair}) > 1]
+        # Upstream configs repeat a setting (concepts1 and concepts2 both hold n_concepts): say it once.
+        shown = {}
+        for k in apart:
+            name = k.rpartition(".")[2]
+            shown.setdefault(name, json.dumps(entry["settings"].get(k)))
+        titles[key] = ", ".join(f"{name}={value}" for name, value in shown.items())
+    return titles
+
+
 def collect(store: Path) -> dict:
-    """{(model1, model2, settings digest): {"models": (identity1, identity2), "cells": {(layer1, layer2): measures}}}."""
+    """{(model1, model2, settings digest): {"models": (identity1, identity2), "settings": flat settings,
+    "cells": {(layer1, layer2): measures}}}."""
     comparisons: dict = {}
     for path in sorted((store / "scores").glob("*.h5")):
         if check_artifact(path, "scores") is not None:
             continue
         result = read_scores(path)
-        model1, model2, layer1, layer2, settings = comparison_settings(json.loads(result["config"]))
+        config = json.loads(result["config"])
+        model1, model2, layer1, layer2, settings = comparison_settings(config)
         s = summary_numbers(result)
         entry = comparisons.setdefault((model1["name"], model2["name"], settings),
-                                       {"models": (model1, model2), "cells": {}})
+                                       {"models": (model1, model2), "cells": {},
+                                        "settings": settings_without_layers(config)})
         entry["cells"][(layer1, layer2)] = {
             "mean_max_correlation": s["mean_max_correlation"],
             "regression_similarity": float(np.nanmean([s["2->1"], s["1->2"]])),
@@ -109,6 +137,7 @@ def run(cfg) -> dict:
     out_dir = Path(str(cfg.out)) if cfg.out else store / "summary"
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = [(m1, m2) for m1, m2, _ in comparisons]
+    titles = differing_titles(comparisons)
     written = {}
     for (model1, model2, settings), entry in comparisons.items():
         cells = entry["cells"]
@@ -119,11 +148,12 @@ def run(cfg) -> dict:
         several = pairs.count((model1, model2)) > 1
         if several:
             stem += f"-{settings[:SETTINGS_DIGITS]}"
+        differs = f" ({titles[(model1, model2, settings)]})" if several else ""
         for measure, (label, title, colorbar) in MEASURES.items():
             matrix = np.full((len(layers1), len(layers2)), np.nan)
             for (l1, l2), values in cells.items():
                 matrix[layers1.index(l1), layers2.index(l2)] = values[measure]
-            png = plot_layer_heatmap(out_dir / f"{stem}-{measure}.png", title, matrix, layers1, layers2,
+            png = plot_layer_heatmap(out_dir / f"{stem}-{measure}.png", title + differs, matrix, layers1, layers2,
                                      colorbar_label=colorbar, row_title=f"model 1: {model1}",
                                      col_title=f"model 2: {model2}")
             table = out_dir / f"{stem}-{measure}.csv"
@@ -131,7 +161,7 @@ def run(cfg) -> dict:
                 w = csv.writer(fh)
                 w.writerow([f"{model1} \\ {model2}", *layers2])
                 w.writerows([[l1, *[f"{v:.6g}" for v in row]] for l1, row in zip(layers1, matrix)])
-            console.table(f"{label}: {model1} (rows) vs {model2} (columns)", ["layer", *layers2],
+            console.table(f"{label}: {model1} (rows) vs {model2} (columns){differs}", ["layer", *layers2],
                           [(l1, *row.tolist()) for l1, row in zip(layers1, matrix)])
             key = (model1, model2, settings[:SETTINGS_DIGITS], measure) if several else (model1, model2, measure)
             written[key] = {"png": png, "csv": table, "matrix": matrix, "layers1": layers1, "layers2": layers2}

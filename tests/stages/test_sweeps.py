@@ -302,3 +302,18 @@ def test_summarize_keeps_apart_comparisons_with_other_settings():
     assert (layer1, layer2) == ("layer1", "layer2")
     assert comparison_settings(config("layer3", "layer1"))[-1] == digest, "only the layers differ: one matrix"
     assert comparison_settings(config("layer1", "layer2", n_concepts=5))[-1] != digest
+
+
+def test_summarize_titles_settings_groups_by_what_differs():
+    from rsvc_cli.stages.summarize import differing_titles, settings_without_layers
+
+    def entry(layer, n_concepts, alpha):
+        concepts = {"activations": {"layer": layer, "model": {"name": "m"}}, "decomposition": {"n_concepts": n_concepts}}
+        config = {"regression": {"concepts1": concepts, "concepts2": concepts, "regression": {"alpha": alpha}}}
+        return {"settings": settings_without_layers(config)}
+
+    comparisons = {("m", "m", "a"): entry("layer1", 3, 0.1), ("m", "m", "b"): entry("layer2", 3, 0.05),
+                   ("m", "m", "c"): entry("layer3", 5, 0.1), ("m", "other", "d"): entry("layer1", 3, 0.1)}
+    titles = differing_titles(comparisons)
+    assert titles == {("m", "m", "a"): "n_concepts=3, alpha=0.1", ("m", "m", "b"): "n_concepts=3, alpha=0.05",
+                      ("m", "m", "c"): "n_concepts=5, alpha=0.1"}, "layers never count; a lone pair needs no title"
