@@ -56,6 +56,11 @@ def os_user_error(err: OSError, store: str) -> RsvcError | None:
         return RsvcError(f"No space left on the device{where}; the complete artifacts in the store are untouched.",
                          "Free disk space or point store=DIR at a larger disk, then run the same command again.")
     in_store = bool(store) and str(err.filename or "").startswith(str(Path(store).expanduser()))
+    if in_store and err.errno == errno.EROFS:
+        return RsvcError(f"The store is read-only, and this run needs to write {err.filename}; the artifacts it "
+                         "already holds were used and nothing in it was changed.",
+                         "Copy the store to a writable disk and point store=DIR at the copy; to read the numbers "
+                         "alone from a complete read-only store, add collage.enabled=false report=false.")
     if in_store and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         return RsvcError(f"Cannot write {err.filename} in the store ({err.strerror}).",
                          "Point store=DIR at a folder you can write (it is created if missing), not at a file.")
@@ -69,27 +74,38 @@ STORE_RUN_DIR_STAGES = {"extract", "decompose", "regress", "score", "importance"
                         "train"}
 
 
-def check_store(stage: str, overrides: list[str]) -> None:
-    """The store must be a folder rsvc can write before Hydra makes its run folder inside it
-    (Hydra's own failure there is a traceback). As root, permission bits stop nothing: the
-    cases met are a store path naming a file, or a file on the way to it, or a read-only mount."""
+# A read-only store keeps Hydra's run record out of it: no run folder, no .hydra files.
+READ_ONLY_STORE_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null"]
+
+
+def check_store(stage: str, overrides: list[str]) -> list[str]:
+    """The store must be a folder, and writable or existing, before Hydra makes its run folder
+    inside it (Hydra's own failure there is a traceback). An existing store that cannot be written
+    (a read-only mount) serves every run whose artifacts it holds: the returned overrides keep
+    Hydra's run record out of it, and the first write it would need is the error. As root,
+    permission bits stop nothing: the cases met are a store path naming a file, or a file on the
+    way to it, or a read-only mount."""
     if stage not in STORE_RUN_DIR_STAGES or any(item in INFO_FLAGS for item in overrides):
-        return
+        return []
     given = [item.partition("=")[2] for item in overrides if item.partition("=")[0].lstrip("+") == "store"]
     store = given[-1] if given else os.environ.get("RSVC_STORE", "")
     if not store or any(c in store for c in ",$("):  # a sweep or an interpolation: Hydra resolves it
-        return
+        return []
     path = Path(store).expanduser()
     blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     reason = f"{blocker} is a file" if blocker is not None else None
     # Nothing is created here (a command line that does not compose leaves no folder behind):
     # the nearest existing folder on the way must let rsvc write.
     existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
-    if reason is None and existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    writable = existing is None or os.access(existing, os.W_OK | os.X_OK)
+    if reason is None and existing == path and not writable:
+        return [] if "-m" in overrides or "--multirun" in overrides else READ_ONLY_STORE_OVERRIDES
+    if reason is None and not writable:
         reason = f"{existing} is not writable"
     if reason is not None:
         raise RsvcError(f"The store {path} cannot be used as a folder to write artifacts in ({reason}).",
                         "Point store=DIR at a folder you can write (it is created if missing), not at a file.")
+    return []
 
 
 def run_task(task, cfg, stage: str | None = None):
@@ -188,7 +204,7 @@ def run_stage(stage: str, overrides: list[str]) -> int:
 
     try:
         check_added_keys(stage, overrides)
-        check_store(stage, overrides)
+        overrides = overrides + check_store(stage, overrides)
     except RsvcError as err:
         if debug_enabled():
             raise

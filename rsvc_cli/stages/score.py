@@ -11,6 +11,7 @@ column maxima, and debiased linear CKA between the two layers.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -163,14 +164,28 @@ def write_results_table(path: Path, result: dict, extra_columns: dict | None = N
         for row in rows:
             row.update(extra_columns.get((row["class"], row["owner"], row["concept"]), {}))
     fields = list(dict.fromkeys(k for row in rows for k in row))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    data = text.getvalue().encode()
+    if path.is_file() and (path.read_bytes() == data or (not extra_columns and _holds(path, data))):
+        # The same table, or the same one with more columns (compare's importance): nothing to
+        # write, and a read-only store serves it.
+        return path
     # One temporary name per process: racing jobs of one comparison must not rename each other's file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    tmp.write_bytes(data)
     tmp.replace(path)
     return path
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the CSV at `path` has every column and row of the CSV `data` (and perhaps more columns)."""
+    new = list(csv.DictReader(io.StringIO(data.decode(), newline="")))
+    with open(path, newline="") as fh:
+        old = list(csv.DictReader(fh))
+    return len(old) == len(new) and all(o.get(k) == v for o, n in zip(old, new) for k, v in n.items())
 
 
 def _nanmean(values) -> float:

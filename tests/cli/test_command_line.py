@@ -227,9 +227,11 @@ def test_terminal_bar_counts_in_integers(monkeypatch):
 
 
 @pytest.mark.slow
-def test_collages_can_be_switched_off(tmp_path, capsys, monkeypatch):
+def test_collages_off_store_listing_and_read_only_store(tmp_path, capsys, monkeypatch):
     """A small synthetic comparison (2 classes x 6 images) without collages: the report is written,
-    no concept grid is; `rsvc collage` itself refuses the switch rather than doing nothing."""
+    no concept grid is; `rsvc collage` itself refuses the switch rather than doing nothing; `rsvc info
+    store=` lists the report and the artifacts by kind with what tells them apart; the store mounted
+    read-only serves the same comparison."""
     monkeypatch.delenv("RSVC_DEBUG", raising=False)
     store = tmp_path / "store"
     small = ["model1=cifar_resnet20", "model2=tiniest", "layer1=layer2", "layer2=l3", "dataset.n_classes=2",
@@ -243,3 +245,30 @@ def test_collages_can_be_switched_off(tmp_path, capsys, monkeypatch):
     assert not grids
     code, err = run_main(["collage", *small, "collage.enabled=false", f"store={store}"], capsys)
     assert_one_paragraph(code, err, "collage.enabled=false leaves it nothing to do")
+    # The store explains itself: its report, and what tells its two activations artifacts apart.
+    capsys.readouterr()
+    assert main(["info", f"store={store}"]) in (0, None)
+    listing = " ".join(capsys.readouterr().out.split())
+    assert "index.html" in listing and "activations (2)" in listing and "scores (1)" in listing
+    assert "model.name=cifar_resnet20" in listing and "model.name=tiniest" in listing
+    check_read_only_store(store, ["compare", *small, "importance.enabled=false"], capsys)
+
+
+def check_read_only_store(store: Path, args: list[str], capsys) -> None:
+    """The complete store mounted read-only serves the same comparison's numbers; a run that must
+    write (collages) stops with the fix, and nothing in the store changes."""
+    mounted = store.parent / "read-only"
+    mounted.mkdir()
+    if subprocess.run(["mount", "--bind", str(store), str(mounted)], capture_output=True).returncode != 0:
+        pytest.skip("a read-only bind mount needs root with mount rights")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mounted)], check=True, capture_output=True)
+        before = sorted((p.relative_to(store), p.stat().st_mtime_ns) for p in store.rglob("*"))
+        code, err = run_main([*args, "collage.enabled=false", "report=false", f"store={mounted}"], capsys)
+        assert code in (0, None), err
+        assert "reused scores" in err and "wrote" not in err
+        code, err = run_main([*args, f"store={mounted}"], capsys)
+        assert_one_paragraph(code, err, "The store is read-only", "collage.enabled=false report=false")
+        assert sorted((p.relative_to(store), p.stat().st_mtime_ns) for p in store.rglob("*")) == before
+    finally:
+        subprocess.run(["umount", str(mounted)], capture_output=True)
