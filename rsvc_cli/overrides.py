@@ -53,6 +53,12 @@ def split_prefix(item: str) -> tuple[str, str]:
     return "", item
 
 
+def in_free_mapping(key: str) -> bool:
+    """`model1.kwargs.depth`: a key of a free-form mapping."""
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-2] in FREE_MAPPINGS
+
+
 def normalize_overrides(overrides: list[str]) -> list[str]:
     """Rewrite `model1=NAME` / `model2=NAME` (also with a `~`/`+`/`++` prefix) to Hydra's group@package form.
 
@@ -75,8 +81,7 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
             body = GROUP_ALIASES[key] + sep + value
         if value.startswith("~/") or value == "~":  # a quoted '~/x' reaches rsvc unexpanded; make it the home folder
             body = key + sep + os.path.expanduser(value)
-        parts = key.split(".")
-        if sep and prefix in ("", "+") and len(parts) >= 2 and parts[-2] in FREE_MAPPINGS:
+        if sep and prefix in ("", "+") and in_free_mapping(key):
             prefix = "++"
         out.append(prefix + body)
     return out + shared_extraction_overrides(out)
@@ -167,7 +172,7 @@ def check_added_keys(stage: str, overrides: list[str]) -> None:
     """Before Hydra makes a run folder: keys a `+`/`++` adds outside a free-form mapping must be
     ones the schema holds. Only such command lines pay for this extra composition."""
     adding = [o for o in overrides if split_prefix(o)[0] in ("+", "++")
-              and split_prefix(o)[1].partition("=")[0].split(".")[-2:-1] not in ([m] for m in FREE_MAPPINGS)]
+              and not in_free_mapping(split_prefix(o)[1].partition("=")[0])]
     if not adding:
         return
     try:

@@ -6,12 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-
-from rsvc_cli.cli import normalize_overrides
-from rsvc_cli.config import register_configs
+from rsvc_cli.overrides import compose as compose_config
+from rsvc_cli.overrides import normalize_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -46,11 +42,7 @@ def shared_dir() -> Path:
 
 def compose(stage: str, *overrides: str):
     """The config `rsvc <stage> <overrides>` would run with (no Hydra run directory is made)."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="rsvc_cli.configs", version_base="1.3"):
-        return hydra_compose(config_name=stage, overrides=normalize_overrides(list(overrides)),
-                             return_hydra_config=False)
+    return compose_config(stage, normalize_overrides(list(overrides)))
 
 
 @pytest.fixture
