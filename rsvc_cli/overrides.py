@@ -367,7 +367,8 @@ def stage_help(stage: str, description: str, overrides: list[str]) -> str:
     for group in sorted(used):
         name = "model1, model2" if group == "model" and stage_is_pair(stage) else group
         extra = ", or any timm name" if group == "model" else ""
-        lines.append(f"  {name}: {', '.join(groups[group])}{extra}")
+        lines += textwrap.wrap(f"{name}: {', '.join(groups[group])}{extra}", width=100, initial_indent="  ",
+                               subsequent_indent="      ")
     lines += ["", "Settings (key=value; `--cfg job` prints the full config):"]
     scalars = {k: v for k, v in cfg.items() if not isinstance(v, dict)}
     blocks = {k: v for k, v in cfg.items() if isinstance(v, dict)}
