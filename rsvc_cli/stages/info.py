@@ -20,11 +20,11 @@ def run(cfg) -> dict:
         return describe(Path(str(cfg.path)))
     store = Path(str(cfg.store)).expanduser()
     rows = list_artifacts(store)
-    reports = sorted(store.glob("reports/*/index.html"))
-    if reports:
-        console.table(f"reports in {store}", ["comparison", "date", "report"],
-                      [(p.parent.name, datetime.fromtimestamp(p.stat().st_mtime).strftime("%Y-%m-%d %H:%M"), str(p))
-                       for p in reports])
+    scores = [r for r in rows if r.kind == "scores" and r.state == "complete"]
+    if scores:
+        console.table(f"comparisons in {store}", ["model 1", "layer 1", "model 2", "layer 2", "k", "alpha",
+                                                    "evaluation", "date", "report (in the store)"],
+                      [comparison_row(store, r) for r in scores])
     for kind in dict.fromkeys(r.kind for r in rows):
         group = [r for r in rows if r.kind == kind]
         apart = differing([r for r in group if r.state == "complete"])
@@ -43,6 +43,19 @@ def show_provenance(provenance: dict) -> None:
     if banner:
         console.say(f"[bold yellow]{banner}[/bold yellow]")
     console.table("provenance (what made these numbers)", ["", "value"], list(provenance_rows(provenance).items()))
+
+
+def comparison_row(store: Path, entry) -> tuple:
+    """One scores artifact as a comparison: models, layers, concepts per class, lasso alpha, evaluation,
+    when it was scored, and its report (named like the scores artifact, relative to the store) if one
+    was written."""
+    s = entry.settings
+    side = lambda n, key: s.get(f"regression.concepts{n}.activations.{key}")  # noqa: E731
+    report = store / "reports" / entry.path.stem / "index.html"
+    return (side(1, "model.name"), side(1, "layer"), side(2, "model.name"), side(2, "layer"),
+            s.get("regression.concepts1.decomposition.n_concepts"), s.get("regression.regression.alpha"),
+            s.get("evaluation"), datetime.fromtimestamp(entry.path.stat().st_mtime).strftime("%Y-%m-%d %H:%M"),
+            str(report.relative_to(store)) if report.is_file() else "none")
 
 
 def short(value) -> str:

@@ -249,7 +249,8 @@ def test_collages_off_store_listing_and_read_only_store(tmp_path, capsys, monkey
     capsys.readouterr()
     assert main(["info", f"store={store}"]) in (0, None)
     listing = " ".join(capsys.readouterr().out.split())
-    assert "index.html" in listing and "activations (2)" in listing and "scores (1)" in listing
+    assert "comparisons in" in listing and "index.html" in listing and "heldout" in listing
+    assert "activations (2)" in listing and "scores (1)" in listing
     assert "model.name=cifar_resnet20" in listing and "model.name=tiniest" in listing
     check_read_only_store(store, ["compare", *small, "importance.enabled=false"], capsys)
 
