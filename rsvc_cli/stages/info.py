@@ -20,11 +20,10 @@ def run(cfg) -> dict:
         return describe(Path(str(cfg.path)))
     store = Path(str(cfg.store)).expanduser()
     rows = list_artifacts(store)
-    scores = [r for r in rows if r.kind == "scores" and r.state == "complete"]
-    if scores:
+    comparisons = [comparison_row(store, r) for r in rows if r.kind == "scores" and r.state == "complete"]
+    if comparisons:
         console.table(f"comparisons in {store}", ["model 1", "layer 1", "model 2", "layer 2", "k", "alpha",
-                                                    "evaluation", "date", "report (in the store)"],
-                      [comparison_row(store, r) for r in scores])
+                                                    "evaluation", "date", "report (in the store)"], comparisons)
     for kind in dict.fromkeys(r.kind for r in rows):
         group = [r for r in rows if r.kind == kind]
         apart = differing([r for r in group if r.state == "complete"])
@@ -33,7 +32,7 @@ def run(cfg) -> dict:
                         "  ".join(f"{k}={short(r.settings.get(k))}" for k in apart)) for r in group])
     if not rows:
         console.say(f"{store} holds no artifacts.")
-    return {"artifacts": rows}
+    return {"artifacts": rows, "comparisons": comparisons}
 
 
 def show_provenance(provenance: dict) -> None:

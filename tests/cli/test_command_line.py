@@ -245,12 +245,16 @@ def test_collages_off_store_listing_and_read_only_store(tmp_path, capsys, monkey
     assert not grids
     code, err = run_main(["collage", *small, "collage.enabled=false", f"store={store}"], capsys)
     assert_one_paragraph(code, err, "collage.enabled=false leaves it nothing to do")
-    # The store explains itself: its report, and what tells its two activations artifacts apart.
-    capsys.readouterr()
-    assert main(["info", f"store={store}"]) in (0, None)
+    # The store explains itself: its comparison with its report, and what tells its two activations
+    # artifacts apart.
+    from rsvc_cli.stages import info
+
+    listed = info.run(compose("info", f"store={store}"))
+    (comparison,) = listed["comparisons"]
+    assert comparison[:7] == ("cifar_resnet20", "layer2", "tiniest", "l3", 2, 1.0, "heldout")
+    assert comparison[-1].startswith("reports/") and comparison[-1].endswith("/index.html")
     listing = " ".join(capsys.readouterr().out.split())
-    assert "comparisons in" in listing and "index.html" in listing and "heldout" in listing
-    assert "activations (2)" in listing and "scores (1)" in listing
+    assert "comparisons in" in listing and "activations (2)" in listing and "scores (1)" in listing
     assert "model.name=cifar_resnet20" in listing and "model.name=tiniest" in listing
     check_read_only_store(store, ["compare", *small, "importance.enabled=false"], capsys)
 
