@@ -45,7 +45,7 @@ def show_provenance(provenance: dict) -> None:
 
 
 def comparison_row(store: Path, entry) -> tuple:
-    """One scores artifact as a comparison: models, layers, concepts per class, lasso alpha, evaluation,
+    """One scores artifact as a comparison: models, layers, concepts per class, regression alpha, evaluation,
     when it was scored, and its report (named like the scores artifact, relative to the store) if one
     was written."""
     s = entry.settings

@@ -236,7 +236,8 @@ def test_collages_off_store_listing_and_read_only_store(tmp_path, capsys, monkey
     store = tmp_path / "store"
     small = ["model1=cifar_resnet20", "model2=tiniest", "layer1=layer2", "layer2=l3", "dataset.n_classes=2",
              "dataset.images_per_class=6", "decomposition=semi_nmf", "decomposition.n_concepts=2",
-             "decomposition.max_iter=20", "regression=ridge", "regression.n_folds=2", "device=cpu"]
+             "decomposition.max_iter=20", "regression=ridge", "regression.n_folds=2", "device=cpu",
+             "model1.random_weights_ok=true", "model2.random_weights_ok=true"]  # the plumbing, not the numbers
     code, err = run_main(["compare", *small, "importance.enabled=false", "collage.enabled=false", f"store={store}"],
                          capsys)
     assert code in (0, None), err
