@@ -20,7 +20,7 @@ class _Fill(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         # Touch the input so the output stays on the graph (gradients, devices) like a real layer.
-        return torch.full((n, self.channels, h // 4, w // 4), self.value, dtype=x.dtype, device=x.device) + 0 * x.mean()
+        return torch.full((n, self.channels, h, w), self.value, dtype=x.dtype, device=x.device) + 0 * x.mean()
 
 
 class _BrokenNet(nn.Module):
@@ -28,7 +28,9 @@ class _BrokenNet(nn.Module):
 
     def __init__(self, num_classes: int = 2, channels: int = 8):
         super().__init__()
-        self.stem = nn.Conv2d(3, 3, 1)
+        # Stride 4: the filled map has the stem's grid, as a real layer's map has some convolution's grid
+        # (rsvc records a 4-d output as a feature map only then).
+        self.stem = nn.Conv2d(3, 3, 1, stride=4)
         self.features = _Fill(self.value, channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
