@@ -2,6 +2,9 @@
 
 - ``pearson``: column-wise Pearson correlation; NaN where it is undefined (a constant column),
   never 0 and never an exception, so an undefined similarity cannot pass for "no similarity".
+- ``concept_similarity``: RSVC's per-concept similarity (Pearson r between true and predicted
+  coefficients) with the two constant cases told apart: a constant *prediction* of a varying
+  concept is 0 and flagged ``unpredictable``; only a constant *truth* is undefined (NaN).
 - ``concept_correlation`` / ``mean_max_correlation``: the k1 x k2 Pearson table between two sets of
   concept coefficients on the same patches, and the mean of its row maxima and of its column maxima
   (RSVC's layerwise "mean max correlation" similarity), NaN-aware.
@@ -12,11 +15,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from rsvc_cli.errors import RsvcError
 
-__all__ = ["pearson", "concept_correlation", "mean_max_correlation", "linear_cka"]
+__all__ = ["pearson", "concept_similarity", "ConceptSimilarity", "concept_correlation", "mean_max_correlation", "linear_cka"]
 
 
 def pearson(x, y, dim: int = -2) -> torch.Tensor:
@@ -43,6 +48,52 @@ def pearson(x, y, dim: int = -2) -> torch.Tensor:
     ).sum(dim).clamp(-1.0, 1.0)
     undefined = _constant(x, dim) | _constant(y, dim)
     return torch.where(undefined, torch.nan, r)
+
+
+class ConceptSimilarity(NamedTuple):
+    """Per concept (..., k): the similarity and why it is what it is."""
+
+    similarity: torch.Tensor  # float64; 0 where unpredictable, NaN where undefined
+    unpredictable: torch.Tensor  # bool: the truth varies, the prediction carries none of it
+    undefined: torch.Tensor  # bool: the truth is constant, nothing to predict
+
+
+def concept_similarity(true, predicted, groups=None) -> ConceptSimilarity:
+    """RSVC similarity of each concept: Pearson r between its true coefficients and their prediction.
+
+    true, predicted (..., n, k), samples along -2. A predictor that carries no information (the
+    lasso zeroes every weight) predicts a constant: r would be 0/0, but the concept varies and
+    the other model cannot follow any of it, the strongest "only this model has it", so the
+    similarity is 0 and the concept is flagged ``unpredictable``. With ``groups`` (n,), the fold
+    of each sample of a held-out-fold prediction, each fold model predicts separately, and the
+    prediction is uninformative when it is constant within every fold (each fold model then
+    predicts its training mean, whose correlation with the truth comes from the split alone, not
+    from the features); so held-out-fold and evaluation-set scoring agree on which concepts are
+    unpredictable. Only a concept whose true coefficients are constant is ``undefined`` (NaN).
+    """
+    true, predicted = _as_float64(true), _as_float64(predicted)
+    if true.shape != predicted.shape or true.ndim < 2:
+        raise RsvcError(problem=f"concept_similarity needs true and predicted coefficients (..., n, k) of one shape; "
+                        f"got {tuple(true.shape)} and {tuple(predicted.shape)}.",
+                        fix="Pass the true and predicted coefficients of the same patches and concepts.")
+    undefined = _constant(true, -2)
+    if groups is None:
+        uninformative = _constant(predicted, -2)
+    else:
+        groups = torch.as_tensor(groups, device=predicted.device)
+        if groups.shape != (true.shape[-2],):
+            raise RsvcError(problem=f"concept_similarity needs one group per sample ({true.shape[-2]}), "
+                            f"got shape {tuple(groups.shape)}.", fix="Pass the fold of each row.")
+        # A group of one sample shows nothing about its model's constancy; with no larger group, the whole.
+        sizes = torch.unique(groups, return_counts=True)
+        observed = sizes[0][sizes[1] > 1]
+        uninformative = _constant(predicted, -2) if not len(observed) else torch.ones_like(undefined)
+        for group in observed:
+            uninformative &= _constant(predicted[..., groups == group, :], -2)
+    unpredictable = uninformative & ~undefined
+    r = pearson(true, predicted, dim=-2)
+    similarity = torch.where(unpredictable, 0.0, torch.where(undefined, torch.nan, r))
+    return ConceptSimilarity(similarity, unpredictable, undefined)
 
 
 def concept_correlation(coefficients1, coefficients2) -> torch.Tensor:

@@ -190,7 +190,8 @@ def _read_output_classes(spec) -> list[str] | None:
     return names
 
 
-def class_outputs(model: ModelHandle, images: ImageSets) -> np.ndarray:
+def class_outputs(model: ModelHandle, images: ImageSets, reader: str = "dataset.group_by=predicted reads",
+                  instead: str = "use dataset.group_by=label") -> np.ndarray:
     """The model output that stands for each compared class (images.class_names order), -1 for a class
     the model has no output for.
 
@@ -198,6 +199,7 @@ def class_outputs(model: ModelHandle, images: ImageSets) -> np.ndarray:
     the class folders of dataset.root in sorted order, all of them even where dataset.classes picks a
     few: how torchvision's ImageFolder numbers classes, and so how CIFAR-10 and ImageNet models were
     trained. A model's output index is never a class's position among the compared classes.
+    ``reader`` (what needs the outputs) and ``instead`` (the way around it) word the errors.
     """
     names, source_of_names = model.output_classes, f"{model.label}'s model.output_classes"
     if names is None and model.training_dataset is not None:
@@ -209,19 +211,16 @@ def class_outputs(model: ModelHandle, images: ImageSets) -> np.ndarray:
         source_of_names = "the sorted class folders of dataset.root"
     n_outputs = int(model.loaded.num_classes)
     if len(names) != n_outputs:
-        raise RsvcError(f"dataset.group_by=predicted reads {model.label}'s {n_outputs} outputs as classes, but "
+        raise RsvcError(f"{reader} {model.label}'s {n_outputs} outputs as classes, but "
                         f"{source_of_names} give {len(names)} class names.",
                         f"Set model.output_classes (model1./model2. in a comparison) to the {n_outputs} class names of "
-                        "the model's outputs in order (a list or a text file with one per line), or use "
-                        "dataset.group_by=label.")
+                        f"the model's outputs in order (a list or a text file with one per line), or {instead}.")
     output_of = {name: i for i, name in enumerate(names)}
     outputs = np.array([output_of.get(name, -1) for name in images.class_names], dtype=np.int64)
     if (outputs < 0).all():
         raise RsvcError(f"None of the compared classes ({', '.join(images.class_names[:5])}...) is among "
-                        f"{model.label}'s output classes ({', '.join(names[:5])}...), so no image can be grouped "
-                        "by its prediction.",
-                        "Set model.output_classes to the model's class names in output order, or use "
-                        "dataset.group_by=label.")
+                        f"{model.label}'s output classes ({', '.join(names[:5])}...); {reader} its outputs as them.",
+                        f"Set model.output_classes to the model's class names in output order, or {instead}.")
     return outputs
 
 

@@ -8,9 +8,14 @@ run through the rest of the network; the attribution of a concept is summed over
 averaged over patches and normalized by the class's largest absolute value.
 
 Replacement test: concept j's coefficients move from the true value towards the other model's
-prediction (mix 0.5), the same shift at every position; KL(original || replaced), top-1
-agreement and the change of the class probability, each minus the same figure when the
-prediction comes from the model's own activations (the self baseline).
+prediction (mix 0.5), the same shift at every position, used as it is even where that makes a
+coefficient negative (clamping at 0 would cut short exactly the under-predictions the test is
+about); KL(original || replaced), top-1 agreement and the change of the class probability, each
+minus the same figure when the prediction comes from the model's own activations (the self baseline).
+
+Both attribute, for each class, the model output that stands for it (`target_outputs`: the map
+dataset.group_by=predicted reads predictions with), never the class's position among the
+compared classes.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, write_array
 from rsvc_cli.store.keys import stage_content
-from rsvc_cli.stages.common import produce, resolve_device, store_dir, to_plain
+from rsvc_cli.stages.common import class_outputs, produce, resolve_device, store_dir, to_plain
 from rsvc_cli.stages.decompose import read_concepts
 from rsvc_cli.stages.regress import prepare_pair, read_regression, regress, regression_content, regression_params
 from rsvc_cli.stages.score import CROSS, SELF, score, scores_content
@@ -51,7 +56,7 @@ def importance_content(pair, cfg, owner: int) -> dict:
 
 
 def importance(pair, cfg, result: dict) -> dict:
-    """{(class, "model1"|"model2", k): {importance, replacement figures}} for both models."""
+    """{(class, "model1"|"model2", k): {importance, replacement figures, target_output}} for both models."""
     out = {}
     for owner in (1, 2):
         content = importance_content(pair, cfg, owner)
@@ -64,7 +69,32 @@ def importance(pair, cfg, result: dict) -> dict:
             for name, g in f["classes"].items():
                 for k in range(g["importance"].shape[0]):
                     out[(name, f"model{owner}", k)] = {key: float(g[key][k]) for key in g if g[key].ndim == 1}
+                    out[(name, f"model{owner}", k)]["target_output"] = int(g.attrs["target_output"])
     return out
+
+
+def target_outputs(model, images) -> dict[str, int]:
+    """The model output whose score importance and the replacement test follow, per compared class.
+
+    `common.class_outputs` names the outputs (model.output_classes, the training classes of weights
+    rsvc trained, the sorted class folders of dataset.root). Images with no class folders (synthetic
+    ones) mean nothing to a model that no list of names describes; class c is then output c, said
+    on the console, as a smoke check and not a measurement.
+    """
+    names = list(images.class_names)
+    if model.output_classes is None and model.training_dataset is None and not hasattr(images.source, "folder_names"):
+        console.say(f"importance: {model.label}'s outputs are named by no class list and the images have no class "
+                    f"folders; class i of {len(names)} is read as output i (set model.output_classes to name them).")
+        return {name: i for i, name in enumerate(names)}
+    outputs = class_outputs(model, images, reader="importance and the replacement test read",
+                            instead="turn them off with importance.enabled=false")
+    missing = [name for name, output in zip(names, outputs) if output < 0]
+    if missing:
+        raise RsvcError(f"{model.label} has no output for class {', '.join(missing)}, so importance and the "
+                        "replacement test have no class score to follow there.",
+                        "Set model.output_classes to the model's class names in output order, compare only classes "
+                        "the model has (dataset.classes=[...]), or turn them off with importance.enabled=false.")
+    return {name: int(output) for name, output in zip(names, outputs)}
 
 
 def table_columns(importance_result: dict | None) -> dict:
@@ -94,8 +124,9 @@ def _write(f, pair, cfg, result: dict, owner: int) -> None:
         p.requires_grad_(False)
     steps, mix = int(cfg.importance.steps), float(cfg.importance.replacement_mix)
     rng = np.random.default_rng(PATCH_SAMPLE_SEED)
+    output_of = target_outputs(model, pair.images)
     bar = console.progress(len(reg.classes), f"importance model{owner}", unit="class")
-    for c, name in enumerate(reg.class_names):
+    for name in reg.class_names:
         if name not in reg.classes:
             continue
         entry = reg.classes[name]
@@ -127,9 +158,10 @@ def _write(f, pair, cfg, result: dict, owner: int) -> None:
         U = nnls(positions_for_nnls, basis)
         residual = positions - U @ rebuild_basis if cfg.importance.residual else None
         head = make_concept_head(module, layer, inputs, rebuild_basis, restore, residual=residual)
-        target = torch.full((len(rows),), c, dtype=torch.long, device=device)
-        attributions, gap = integrated_gradients(head, U, target, steps=steps, return_delta=True)
+        target = torch.full((len(rows),), output_of[name], dtype=torch.long, device=device)
         g = f.create_group(f"classes/{name}")
+        g.attrs["target_output"] = output_of[name]
+        attributions, gap = integrated_gradients(head, U, target, steps=steps, return_delta=True)
         write_array(g, "importance", concept_importance(attributions).cpu().numpy(), "concept")
         write_array(g, "mean_attribution", attributions.mean(0).cpu().numpy(), "concept")
         g.attrs["completeness_gap_max"] = float(gap.abs().max())
@@ -138,7 +170,7 @@ def _write(f, pair, cfg, result: dict, owner: int) -> None:
         figures = {}
         for which, direction in (("cross", CROSS[owner]), ("self", SELF[owner])):
             predicted = torch.from_numpy(entry[direction]["evaluation_prediction"][keep]).to(device, torch.float64)
-            shifted = (U + (predicted - true)[:, None, :]).clamp_min(0)
+            shifted = U + (predicted - true)[:, None, :]
             figures[which] = replacement_test_all(head, U, shifted, target, concept_basis=rebuild_basis, mix=mix)
         relative = relative_to_baseline(figures["cross"], figures["self"])
         for fig in FIGURES:

@@ -98,13 +98,19 @@ def shortcut_rates(pair, cfg, planted_class: int) -> dict:
 
 def square_concept(result: dict, class_name: str) -> dict:
     """Model 1's lowest-2->1 concept in `class_name` against the class's square-free concepts."""
-    similarity = np.asarray(result["classes"][class_name]["similarity"]["2->1"], dtype=np.float64)
+    scores = result["classes"][class_name]
+    similarity = np.asarray(scores["similarity"]["2->1"], dtype=np.float64)
+    unpredictable = np.asarray(scores["unpredictable"]["2->1"], dtype=bool)
     content = np.array([result["square_content"].get((class_name, "model1", k), np.nan) for k in range(len(similarity))])
-    # All-undefined similarities (constant coefficients) name no concept: the check fails, it does not crash.
-    lowest = int(np.nanargmin(similarity)) if np.isfinite(similarity).any() else 0
-    square_free = similarity[(content < LOW_SQUARE_CONTENT) & np.isfinite(similarity)]
+    # A concept model 2 cannot predict at all scores 0 (score.py) and competes like any other; only
+    # undefined ones (constant true coefficients: nothing to find) are left out, and counted.
+    undefined = ~np.isfinite(similarity)
+    # All-undefined similarities name no concept: the check fails, it does not crash.
+    lowest = int(np.nanargmin(similarity)) if not undefined.all() else 0
+    square_free = similarity[(content < LOW_SQUARE_CONTENT) & ~undefined]
     median = float(np.median(square_free)) if len(square_free) else float("nan")
     out = {"class": class_name, "concept": lowest, "similarity": float(similarity[lowest]),
+           "unpredictable": bool(unpredictable[lowest]), "n_undefined": int(undefined.sum()),
            "square_content": float(content[lowest]), "square_free_median": median,
            "n_square_free": len(square_free), "similarities": similarity.tolist(), "square_contents": content.tolist()}
     out["passed"] = bool(out["square_content"] >= SQUARE_CONTENT_MIN and np.isfinite(median)
@@ -132,10 +138,13 @@ def planted_check(pair, cfg, result: dict) -> dict | None:
         ["k", "2->1 similarity", "square content"],
         sorted(zip(range(len(concept["similarities"])), concept["similarities"], concept["square_contents"]),
                key=lambda row: (np.inf if not np.isfinite(row[1]) else row[1])),
-        caption=f"Lowest: concept {concept['concept']}, similarity {console.fmt(concept['similarity'])}, "
-                f"square content {console.fmt(concept['square_content'])}; median of the "
+        caption=f"Lowest: concept {concept['concept']}, similarity {console.fmt(concept['similarity'])}"
+                + (" (unpredictable: model 2 predicts a constant)" if concept["unpredictable"] else "")
+                + f", square content {console.fmt(concept['square_content'])}; median of the "
                 f"{concept['n_square_free']} concepts with square content < {LOW_SQUARE_CONTENT:g}: "
-                f"{console.fmt(concept['square_free_median'])}.")
+                f"{console.fmt(concept['square_free_median'])}"
+                + (f"; n undefined: {concept['n_undefined']} (true coefficients constant)" if concept["n_undefined"] else "")
+                + ".")
     passed = rates["passed"] and concept["passed"]
     console.say(f"[bold]planted-concept experiment: {'PASSED' if passed else 'FAILED'}[/bold] "
                 f"(shortcut learned by model 1 only: {_yes(rates['passed'])}; square concept found and unique "

@@ -63,6 +63,7 @@ def report(pair, cfg, result: dict) -> Path:
                 concepts.append({
                     "owner": f"model{owner}", "concept": k, "direction": CROSS[owner],
                     "similarity": _number(sims[CROSS[owner]][k]), "self_similarity": _number(sims[SELF[owner]][k]),
+                    "unpredictable": bool(c["unpredictable"][CROSS[owner]][k]),
                     "reverse_similarity": None,
                     "importance": _number(importance.get(key, {}).get("importance")),
                     "square_content": _number(square.get(key)),

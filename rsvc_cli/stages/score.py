@@ -2,8 +2,11 @@
 
 For every class and direction, the similarity of a concept is the Pearson correlation between
 its true coefficients and the cross-fitted prediction on the evaluation set (or, with
-`regression.evaluation=crossval`, on the held-out folds of the regression set). Pearson is NaN
-where undefined (a constant column): reported as undefined, never as 0. Also: the k x k
+`regression.evaluation=crossval`, on the held-out folds of the regression set). A concept the
+other model cannot predict at all (constant prediction: the lasso kept no weight) scores 0 and is
+flagged `unpredictable`; it counts in every mean and ranks among the lowest. Only a concept whose
+true coefficients are constant on the scored patches is undefined (NaN), and the undefined are
+counted wherever means are shown (`metrics.concept_similarity`). Also: the k x k
 concept-correlation table between the two models on common patches with its mean row and
 column maxima, and debiased linear CKA between the two layers.
 """
@@ -14,6 +17,7 @@ import csv
 import io
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +25,7 @@ import torch
 from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
-from rsvc_cli.store.keys import stage_content
+from rsvc_cli.store.keys import REVISIONS, stage_content
 from rsvc_cli.stages.common import produce, resolve_device, store_dir
 from rsvc_cli.stages.decompose import read_activations
 from rsvc_cli.stages.provenance import write_provenance
@@ -39,12 +43,42 @@ def run(cfg) -> dict:
     return score(pair, cfg, regress(pair, cfg))
 
 
+class Scored(NamedTuple):
+    """What one direction's similarities in one class are computed from: (n, k) arrays."""
+
+    true: np.ndarray  # the owner's concept coefficients
+    predicted: np.ndarray  # their cross-fitted prediction from the predictor's activations
+    folds: np.ndarray | None  # (n,) fold of each row for held-out-fold predictions; None on the evaluation set
+
+
+def scored_coefficients(entry: dict, evaluation: str) -> dict[str, Scored]:
+    """Per direction, the true and predicted coefficients a class's similarities are computed from
+    (one regression-artifact class entry; `regression.evaluation` heldout or crossval)."""
+    if evaluation == "heldout":
+        return {direction: Scored(entry[f"coefficients{owner}_evaluation"], entry[direction]["evaluation_prediction"], None)
+                for direction, owner in OWNER.items()}
+    return {direction: Scored(entry[f"coefficients{owner}_regression"], entry[direction]["held_out_prediction"], entry["fold"])
+            for direction, owner in OWNER.items()}
+
+
+def similarity_of(scored: Scored, device="cpu"):
+    """`metrics.concept_similarity` of one direction: (similarity, unpredictable, undefined), (k,) each."""
+    from rsvc_cli.algorithms.metrics import concept_similarity
+
+    folds = None if scored.folds is None else torch.from_numpy(np.asarray(scored.folds)).to(device)
+    return concept_similarity(_float64(scored.true, device), _float64(scored.predicted, device), folds)
+
+
+def _float64(array, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, torch.float64)
+
+
 def scores_content(reg_content: dict, evaluation: str) -> dict:
     return stage_content("scores", regression=reg_content, evaluation=evaluation)
 
 
 def score(pair, cfg, regression_path: Path) -> dict:
-    from rsvc_cli.algorithms.metrics import concept_correlation, linear_cka, mean_max_correlation, pearson
+    from rsvc_cli.algorithms.metrics import concept_correlation, linear_cka, mean_max_correlation
 
     evaluation = str(cfg.regression.evaluation)
     if evaluation not in ("heldout", "crossval"):
@@ -54,7 +88,7 @@ def score(pair, cfg, regression_path: Path) -> dict:
     reg_content = regression_content(pair, regression_params(cfg), group_by)
     content = scores_content(reg_content, evaluation)
     device = resolve_device(cfg.device)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, torch.float64)  # noqa: E731
+    t = lambda a: _float64(a, device)  # noqa: E731
 
     def write(f):
         reg = read_regression(regression_path, reg_content)
@@ -73,14 +107,12 @@ def score(pair, cfg, regression_path: Path) -> dict:
                                 "Give the evaluation set a share in dataset.split (e.g. dataset.split=[1,2,2]) or "
                                 "score on held-out folds with regression.evaluation=crossval.")
             suffix = "evaluation" if evaluation == "heldout" else "regression"
-            prediction_key = "evaluation_prediction" if evaluation == "heldout" else "held_out_prediction"
-            for direction, owner in OWNER.items():
-                true = entry[f"coefficients{owner}_{suffix}"]
-                predicted = entry[direction][prediction_key]
-                similarity = pearson(t(true), t(predicted), dim=-2).cpu().numpy()
+            for direction, scored in scored_coefficients(entry, evaluation).items():
+                similarity, unpredictable, _ = similarity_of(scored, device)
                 sub = g.create_group(direction_group(direction))
                 sub.attrs["direction"] = direction
-                write_array(sub, "similarity", similarity, "concept")
+                write_array(sub, "similarity", similarity.cpu().numpy(), "concept")
+                write_array(sub, "unpredictable", unpredictable.cpu().numpy(), "concept")
             u1, u2 = entry[f"coefficients1_{suffix}"], entry[f"coefficients2_{suffix}"]
             table = concept_correlation(t(u1), t(u2)).cpu().numpy()
             row_max, col_max = mean_max_correlation(torch.from_numpy(table))
@@ -125,12 +157,25 @@ def square_content(pair, reg_content: dict, regression_path: Path, n_tiles: int)
     return out
 
 
+def scores_revision(path: Path) -> int:
+    """The scores code revision (`store.keys.REVISIONS`) an artifact was made by."""
+    import json
+
+    with open_artifact(path, "scores") as f:
+        return int(json.loads(f.attrs["config"])["revision"])
+
+
 def read_scores(path: Path, content: dict | None = None) -> dict:
+    if content is None and scores_revision(path) != REVISIONS["scores"]:
+        raise RsvcError(f"The scores artifact {path} was made by older rsvc code (scores revision "
+                        f"{scores_revision(path)}; this rsvc computes revision {REVISIONS['scores']}).",
+                        "Rerun `rsvc compare` with its settings to recompute it beside the old file.")
     with open_artifact(path, "scores", content) as f:
         classes = {}
         for name, g in f["classes"].items():
             classes[name] = {
                 "similarity": {d: g[direction_group(d)]["similarity"][()] for d in DIRECTIONS},
+                "unpredictable": {d: g[direction_group(d)]["unpredictable"][()].astype(bool) for d in DIRECTIONS},
                 "concept_correlation": g["concept_correlation"][()],
                 "mean_max_correlation_1": float(g.attrs["mean_max_correlation_1"]),
                 "mean_max_correlation_2": float(g.attrs["mean_max_correlation_2"]),
@@ -151,7 +196,9 @@ def result_rows(result: dict) -> list[dict]:
             for k in range(len(cross)):
                 rows.append({**pair, "class": name, "owner": f"model{owner}", "concept": k,
                              "direction": CROSS[owner], "similarity": float(cross[k]),
-                             "self_similarity": float(self_[k]), "cka": c["cka"]})
+                             "unpredictable": bool(c["unpredictable"][CROSS[owner]][k]),
+                             "self_similarity": float(self_[k]),
+                             "self_unpredictable": bool(c["unpredictable"][SELF[owner]][k]), "cka": c["cka"]})
     return rows
 
 
@@ -193,9 +240,20 @@ def _nanmean(values) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
+def lowest_first(rows: list[dict]) -> list[dict]:
+    """Result rows by similarity, lowest first; at a tie the unpredictable first; undefined (NaN) last."""
+    return sorted(rows, key=lambda r: (np.isnan(r["similarity"]), np.nan_to_num(r["similarity"], nan=0.0),
+                                       not r["unpredictable"]))
+
+
 def summary_numbers(result: dict) -> dict:
+    """Per direction the mean similarity (unpredictable concepts count as 0), and how many concepts are
+    unpredictable (`n_unpredictable`) and undefined (`n_undefined`: true coefficients constant, left out
+    of the mean); then mean max correlation and CKA over classes."""
     classes = result["classes"].values()
     out = {d: _nanmean(np.concatenate([c["similarity"][d] for c in classes])) for d in DIRECTIONS}
+    out["n_unpredictable"] = {d: int(sum(c["unpredictable"][d].sum() for c in classes)) for d in DIRECTIONS}
+    out["n_undefined"] = {d: int(sum(np.isnan(c["similarity"][d]).sum() for c in classes)) for d in DIRECTIONS}
     out["mean_max_correlation"] = _nanmean([(c["mean_max_correlation_1"] + c["mean_max_correlation_2"]) / 2 for c in classes])
     out["cka"] = _nanmean([c["cka"] for c in classes])
     return out
@@ -204,20 +262,30 @@ def summary_numbers(result: dict) -> dict:
 def print_summary(result: dict, n_lowest: int = 12) -> None:
     pair = result.get("pair", {})
     title = f"{pair.get('model1')} {pair.get('layer1')} (model 1) vs {pair.get('model2')} {pair.get('layer2')} (model 2)"
-    console.table(f"per class: {title}", ["class", "2->1", "1->1", "1->2", "2->2", "mean max corr", "CKA"],
+    console.table(f"per class: {title}", ["class", "2->1", "1->1", "1->2", "2->2", "unpredictable 2->1/1->2",
+                                          "mean max corr", "CKA"],
                   [(name, _nanmean(c["similarity"]["2->1"]), _nanmean(c["similarity"]["1->1"]),
                     _nanmean(c["similarity"]["1->2"]), _nanmean(c["similarity"]["2->2"]),
+                    f"{int(c['unpredictable']['2->1'].sum())}/{int(c['unpredictable']['1->2'].sum())}",
                     (c["mean_max_correlation_1"] + c["mean_max_correlation_2"]) / 2, c["cka"])
                    for name, c in result["classes"].items()],
-                  caption="Mean Pearson over concepts. \"2->1\": model 2 predicts model 1's concepts; 1->1, 2->2: self baselines.")
-    rows = sorted(result_rows(result), key=lambda r: (np.inf if np.isnan(r["similarity"]) else r["similarity"]))
+                  caption="Mean Pearson over concepts (an unpredictable concept counts as 0). \"2->1\": model 2 "
+                          "predicts model 1's concepts; 1->1, 2->2: self baselines.")
+    rows = lowest_first(result_rows(result))
     squares = result.get("square_content")
-    columns = ["class", "concept of", "k", "direction", "similarity", "self"] + (["square content"] if squares else [])
+    columns = ["class", "concept of", "k", "direction", "similarity", "unpredictable", "self"] + (["square content"] if squares else [])
     console.table("lowest-similarity concepts (the most model-specific)", columns,
-                  [(r["class"], r["owner"], r["concept"], r["direction"], r["similarity"], r["self_similarity"],
-                    *([squares.get((r["class"], r["owner"], r["concept"]))] if squares else []))
-                   for r in rows[:n_lowest]])
+                  [(r["class"], r["owner"], r["concept"], r["direction"], r["similarity"], "yes" if r["unpredictable"] else "",
+                    r["self_similarity"], *([squares.get((r["class"], r["owner"], r["concept"]))] if squares else []))
+                   for r in rows[:n_lowest]],
+                  caption="unpredictable: the other model's features predict a constant (the lasso kept no weight); "
+                          "similarity 0.")
     s = summary_numbers(result)
     console.say(f"overall mean similarity: 2->1 {console.fmt(s['2->1'])}, 1->2 {console.fmt(s['1->2'])}; "
                 f"self 1->1 {console.fmt(s['1->1'])}, 2->2 {console.fmt(s['2->2'])}; "
                 f"mean max concept correlation {console.fmt(s['mean_max_correlation'])}; CKA {console.fmt(s['cka'])}")
+    console.say("concepts flagged unpredictable (similarity 0, in the means): "
+                + ", ".join(f"{d} {s['n_unpredictable'][d]}" for d in DIRECTIONS))
+    if any(s["n_undefined"].values()):
+        console.say("n undefined: true coefficients constant (left out of the means): "
+                    + ", ".join(f"{d} {s['n_undefined'][d]}" for d in DIRECTIONS))

@@ -20,10 +20,10 @@ import numpy as np
 from rsvc_cli import console
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.stages.common import store_dir
-from rsvc_cli.stages.score import read_scores, summary_numbers
+from rsvc_cli.stages.score import read_scores, scores_revision, summary_numbers
 from rsvc_cli.store.artifact import check_artifact
 from rsvc_cli.store.catalog import flatten
-from rsvc_cli.store.keys import content_key
+from rsvc_cli.store.keys import REVISIONS, content_key
 
 # measure -> (what it is, the heatmap's title, its colour bar)
 MEASURES = {"mean_max_correlation": ("mean max concept correlation", "mean max concept correlation",
@@ -104,8 +104,13 @@ def collect(store: Path) -> dict:
     """{(model1, model2, settings digest): {"models": (identity1, identity2), "settings": flat settings,
     "cells": {(layer1, layer2): measures}}}."""
     comparisons: dict = {}
+    stale = 0
     for path in sorted((store / "scores").glob("*.h5")):
         if check_artifact(path, "scores") is not None:
+            continue
+        # Scores of older code mean other things (see store.keys.REVISIONS): never mixed in.
+        if scores_revision(path) != REVISIONS["scores"]:
+            stale += 1
             continue
         result = read_scores(path)
         config = json.loads(result["config"])
@@ -121,6 +126,8 @@ def collect(store: Path) -> dict:
             "similarity_1to2": s["1->2"],
             "cka": s["cka"],
         }
+    if stale:
+        console.say(f"skipped {stale} scores artifacts made by older rsvc code; rerun their comparisons to include them")
     return comparisons
 
 

@@ -27,8 +27,8 @@ REVISIONS = {
     "predictions": 2,  # 2: whole images through the model's evaluation transform
     "concepts": 1,
     "regression": 2,  # 2: float32 products for float32 activations; exact constants per training fold
-    "scores": 1,
-    "importance": 1,
+    "scores": 2,  # 2: a constant prediction of a varying concept scores 0 (flagged unpredictable), not NaN
+    "importance": 2,  # 2: each class's model output is the target (not its position); replacement mix unclamped
     "checkpoint": 1,
 }
 

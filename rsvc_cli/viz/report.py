@@ -64,6 +64,10 @@ _NUMBER_COLUMNS = (
     ("square_content", "square content", "share of the top patches that contain the planted square"),
 )
 
+# Beside a similarity of 0 that means the other model predicts a constant (no feature it can use).
+_UNPREDICTABLE_MARK = ('<span class="unpredictable" title="unpredictable: the other model\'s features predict a '
+                       'constant (the lasso kept no weight); similarity 0">unpredictable</span>')
+
 _CSS = """
 :root { --ink: #1b1f24; --muted: #5b6570; --line: #d8dde3; --soft: #f4f6f8; --accent: #1f5fa8; }
 * { box-sizing: border-box; }
@@ -367,6 +371,10 @@ def _overview_table(entries: Sequence[_ConceptEntry], table_id: str, on_class_pa
             f"<td>{_escape(concept.get('direction', ''))}</td>",
         ]
         cells += [_number_cell(concept.get(key)) for key, _, _ in _NUMBER_COLUMNS]
+        if concept.get("unpredictable"):
+            # The similarity cell: 0 because the other model predicts a constant, and it says so.
+            position = len(cells) - len(_NUMBER_COLUMNS)
+            cells[position] = cells[position].replace("</td>", f" {_UNPREDICTABLE_MARK}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
         f'<div class="toolbar"><input type="search" placeholder="filter rows (class, owner, …)" '
@@ -388,6 +396,7 @@ def _concept_card(entry: _ConceptEntry, models: Mapping, images: _Images) -> str
         (f"similarity {direction}", _number_text(similarity)),
         (f"self baseline {_self_direction(direction)}", _number_text(self_similarity)),
         ("gap to self", _number_text(gap)),
+        *([("unpredictable", _UNPREDICTABLE_MARK)] if concept.get("unpredictable") else []),
         ("reverse similarity", _number_text(concept.get("reverse_similarity"))),
         ("importance", _number_text(concept.get("importance"))),
         ("square content", _number_text(concept.get("square_content"))),

@@ -102,8 +102,10 @@ def test_the_planted_class_maps_to_the_trained_models_output_unit_by_name():
     assert planted.output_index(untrained.model1, names[1], fallback=7) == 7
 
 
-def _fake_result(similarities, square_contents, name="rose_disc"):
-    return {"classes": {name: {"similarity": {"2->1": np.asarray(similarities, dtype=float)}}},
+def _fake_result(similarities, square_contents, name="rose_disc", unpredictable=None):
+    unpredictable = np.zeros(len(similarities), bool) if unpredictable is None else np.asarray(unpredictable)
+    return {"classes": {name: {"similarity": {"2->1": np.asarray(similarities, dtype=float)},
+                               "unpredictable": {"2->1": unpredictable}}},
             "square_content": {(name, "model1", k): c for k, c in enumerate(square_contents)}}
 
 
@@ -128,6 +130,27 @@ def test_square_concept_decision(similarities, contents, passes):
     finite = np.isfinite(similarities)
     if finite.any():
         assert out["concept"] == int(np.nanargmin(similarities))
+
+
+def test_a_square_concept_model2_cannot_predict_at_all_is_found_and_counted():
+    """The square concept model 2 has no feature for: its prediction is constant (the lasso kept no
+    weight). Scored as 0 and flagged, it is the lowest concept and the check passes; as an undefined
+    NaN (the old scoring) it was skipped and the check named another concept."""
+    from rsvc_cli.stages.score import Scored, similarity_of
+
+    rng = np.random.default_rng(0)
+    true = rng.gamma(2.0, size=(200, 4))
+    predicted = true * 0.8 + rng.normal(0, 0.3, size=true.shape)  # concepts 0, 2, 3: predicted well
+    predicted[:, 1] = true[:, 1].mean()  # concept 1 (the square): a constant
+    similarity, unpredictable, undefined = (v.numpy() for v in similarity_of(Scored(true, predicted, None)))
+    assert similarity[1] == 0.0 and unpredictable.tolist() == [False, True, False, False] and not undefined.any()
+    out = planted.square_concept(_fake_result(similarity, [0.0, 1.0, 0.1, 0.0], unpredictable=unpredictable),
+                                 "rose_disc")
+    assert out["concept"] == 1 and out["unpredictable"] and out["passed"] and out["n_undefined"] == 0
+    # Undefined ones (constant truth) are counted, not silently dropped.
+    counted = planted.square_concept(_fake_result([np.nan, 0.0, 0.8, 0.7], [0.0, 1.0, 0.0, 0.0],
+                                                  unpredictable=[False, True, False, False]), "rose_disc")
+    assert counted["n_undefined"] == 1 and counted["concept"] == 1 and counted["passed"]
 
 
 def test_checks_are_silent_unless_exactly_one_class_is_planted():
