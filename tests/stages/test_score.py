@@ -16,7 +16,7 @@ import torch
 from conftest import compose
 from rsvc_cli.algorithms.regression import Lasso, cross_validate, grouped_kfold
 from rsvc_cli.stages.regress import DIRECTIONS, prepare_pair, regress
-from rsvc_cli.stages.score import Scored, lowest_first, result_rows, score, similarity_of, summary_numbers
+from rsvc_cli.stages import score as score_stage
 
 PATCHES_PER_IMAGE = 5
 
@@ -30,8 +30,8 @@ def _simulated_pair(seed=0, n_images=120, n_features=4):
     U = np.concatenate([X @ weights + rng.normal(0, 0.5, size=(2, n, 2)), rng.gamma(2.0, size=(2, n, 1))], axis=-1)
     folds = grouped_kfold(torch.arange(n) // PATCHES_PER_IMAGE, n_folds=5, seed=0)
     cv = cross_validate(torch.from_numpy(X[0][None]), torch.from_numpy(U[0][None]), folds, Lasso(alpha=0.2))
-    return {"heldout": Scored(U[1], cv.predict(torch.from_numpy(X[1][None]))[0].numpy(), None),
-            "crossval": Scored(U[0], cv.held_out_prediction[0].numpy(), folds.numpy()),
+    return {"heldout": score_stage.Scored(U[1], cv.predict(torch.from_numpy(X[1][None]))[0].numpy(), None),
+            "crossval": score_stage.Scored(U[0], cv.held_out_prediction[0].numpy(), folds.numpy()),
             "weights": cv.coef_[0].numpy()}
 
 
@@ -46,19 +46,19 @@ def _result(similarity, unpredictable):
 def test_a_concept_the_other_models_features_cannot_predict_scores_zero_is_flagged_and_ranks_first(evaluation):
     pair = _simulated_pair()
     assert (pair["weights"][:, 2] == 0).all() and (pair["weights"][:, :2] != 0).any(-1).all()  # the premise
-    similarity, unpredictable, undefined = (v.numpy() for v in similarity_of(pair[evaluation]))
+    similarity, unpredictable, undefined = (v.numpy() for v in score_stage.similarity_of(pair[evaluation]))
     assert unpredictable.tolist() == [False, False, True] and not undefined.any()
     assert similarity[2] == 0.0 and (similarity[:2] > 0.5).all()
-    rows = lowest_first(result_rows(_result(similarity, unpredictable)))
+    rows = score_stage.lowest_first(score_stage.result_rows(_result(similarity, unpredictable)))
     assert rows[0]["concept"] == 2 and rows[0]["unpredictable"] and rows[0]["similarity"] == 0.0
-    summary = summary_numbers(_result(similarity, unpredictable))
+    summary = score_stage.summary_numbers(_result(similarity, unpredictable))
     assert summary["2->1"] == pytest.approx(similarity.mean(), abs=1e-12)  # counted, as 0
     assert summary["n_unpredictable"]["2->1"] == 1 and summary["n_undefined"]["2->1"] == 0
 
 
 def test_heldout_and_crossval_agree_on_which_concepts_are_unpredictable():
     pair = _simulated_pair(seed=1)
-    heldout, crossval = similarity_of(pair["heldout"]), similarity_of(pair["crossval"])
+    heldout, crossval = score_stage.similarity_of(pair["heldout"]), score_stage.similarity_of(pair["crossval"])
     assert torch.equal(heldout.unpredictable, crossval.unpredictable) and heldout.unpredictable.tolist() == [False, False, True]
     # Per fold the held-out prediction of concept 2 is that fold's training mean: not constant overall,
     # so plain Pearson gives a number that comes from the split, not from the features.
@@ -70,14 +70,15 @@ def test_only_a_constant_truth_is_undefined_and_it_is_counted():
     pair = _simulated_pair()
     true, predicted = pair["heldout"].true.copy(), pair["heldout"].predicted.copy()
     true[:, 0] = 1.5
-    similarity, unpredictable, undefined = similarity_of(Scored(true, predicted, None))
+    similarity, unpredictable, undefined = score_stage.similarity_of(score_stage.Scored(true, predicted, None))
     assert undefined.tolist() == [True, False, False] and np.isnan(similarity[0].item())
     assert not unpredictable[0]  # undefined is not also unpredictable, even where the prediction is constant
     predicted[:, 0] = 0.0
-    assert similarity_of(Scored(true, predicted, None)).undefined[0] and not similarity_of(Scored(true, predicted, None)).unpredictable[0]
-    summary = summary_numbers(_result(similarity.numpy(), unpredictable.numpy()))
+    both_constant = score_stage.similarity_of(score_stage.Scored(true, predicted, None))
+    assert both_constant.undefined[0] and not both_constant.unpredictable[0]
+    summary = score_stage.summary_numbers(_result(similarity.numpy(), unpredictable.numpy()))
     assert summary["n_undefined"]["1->2"] == 1 and summary["1->2"] == pytest.approx(np.nanmean(similarity.numpy()))
-    rows = lowest_first(result_rows(_result(similarity.numpy(), unpredictable.numpy())))
+    rows = score_stage.lowest_first(score_stage.result_rows(_result(similarity.numpy(), unpredictable.numpy())))
     assert rows[-1]["concept"] == 0  # undefined last, never "the most model-specific"
 
 
@@ -101,11 +102,11 @@ def test_a_lasso_that_keeps_no_weight_gives_zero_flagged_similarities_through_th
     cfg = compose("score", *SYNTHETIC, "regression.alpha=1000", f"regression.evaluation={evaluation}",
                   f"store={shared_store}")
     pair = prepare_pair(cfg)
-    result = score(pair, cfg, regress(pair, cfg))
+    result = score_stage.score(pair, cfg, regress(pair, cfg))
     for c in result["classes"].values():
         for d in DIRECTIONS:
             assert (c["similarity"][d] == 0).all() and c["unpredictable"][d].all(), (d, c["similarity"][d])
-    summary = summary_numbers(result)
+    summary = score_stage.summary_numbers(result)
     n_concepts = 2 * 3
     assert all(summary[d] == 0 for d in DIRECTIONS)
     assert summary["n_unpredictable"] == {d: n_concepts for d in DIRECTIONS}
