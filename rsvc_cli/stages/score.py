@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -159,16 +160,16 @@ def square_content(pair, reg_content: dict, regression_path: Path, n_tiles: int)
 
 def scores_revision(path: Path) -> int:
     """The scores code revision (`store.keys.REVISIONS`) an artifact was made by."""
-    import json
-
     with open_artifact(path, "scores") as f:
         return int(json.loads(f.attrs["config"])["revision"])
 
 
 def read_scores(path: Path, content: dict | None = None) -> dict:
-    if content is None and scores_revision(path) != REVISIONS["scores"]:
-        raise RsvcError(f"The scores artifact {path} was made by older rsvc code (scores revision "
-                        f"{scores_revision(path)}; this rsvc computes revision {REVISIONS['scores']}).",
+    # With `content` the key check already refuses other revisions; without, say which it is.
+    revision = scores_revision(path) if content is None else REVISIONS["scores"]
+    if revision != REVISIONS["scores"]:
+        raise RsvcError(f"The scores artifact {path} was made by older rsvc code (scores revision {revision}; "
+                        f"this rsvc computes revision {REVISIONS['scores']}).",
                         "Rerun `rsvc compare` with its settings to recompute it beside the old file.")
     with open_artifact(path, "scores", content) as f:
         classes = {}
