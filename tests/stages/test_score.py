@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose
+from conftest import CHECKPOINTS, compose
 from rsvc_cli.algorithms.regression import Lasso, cross_validate, grouped_kfold
 from rsvc_cli.stages.regress import DIRECTIONS, prepare_pair, regress
 from rsvc_cli.stages import score as score_stage
@@ -82,7 +82,8 @@ def test_only_a_constant_truth_is_undefined_and_it_is_counted():
     assert rows[-1]["concept"] == 0  # undefined last, never "the most model-specific"
 
 
-SYNTHETIC = ["model1=cifar_resnet20", "model2=tiniest", "layer1=layer2", "layer2=l3", "dataset=synthetic",
+SYNTHETIC = ["model1=cifar_resnet20", "model2=tiniest", f"model1.checkpoint={CHECKPOINTS['cifar_resnet20']}",
+             f"model2.checkpoint={CHECKPOINTS['tiniest']}", "layer1=layer2", "layer2=l3", "dataset=synthetic",
              "dataset.n_classes=2", "dataset.images_per_class=10", "decomposition=semi_nmf",
              "decomposition.n_concepts=3", "decomposition.max_iter=50", "regression=lasso", "regression.n_folds=2",
              "device=cpu"]
@@ -95,7 +96,7 @@ def shared_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("evaluation", ["heldout", "crossval"])
-def test_a_lasso_that_keeps_no_weight_gives_zero_flagged_similarities_through_the_score_stage(shared_store, evaluation):
+def test_a_lasso_that_keeps_no_weight_gives_zero_flagged_similarities_through_the_score_stage(shared_store, shared_dir, evaluation):
     """regression.alpha far above every |x_j . y| / n: no concept is predictable in any direction. The
     scores artifact, the results table and the means say 0 and unpredictable, under both evaluations
     (before: NaN everywhere under heldout and means of NaN; under crossval numbers from the fold split)."""
