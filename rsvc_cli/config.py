@@ -160,7 +160,11 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 32  # images per forward batch (each image gives n_patches inputs)
     num_workers: int = 0
-    autocast: bool = False  # bf16 autocast on CUDA
+    # Forward passes of extraction: auto (bfloat16 with channels-last memory for convolutional models
+    # where the device computes bf16 natively, float32 elsewhere) | float32 | bfloat16. Part of the
+    # activations' key; whole-image predictions and importance always run in float32.
+    precision: str = "auto"
+    autocast: Optional[bool] = None  # replaced by precision: setting it is an error that says so
     storage_dtype: str = "float32"  # float32 | float16 (activations on disk)
     debug: bool = False
 

@@ -5,11 +5,12 @@ Messages go to stderr so stdout stays clean for tables people pipe or paste.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -119,3 +120,33 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence], caption:
     for row in rows:
         t.add_row(*[fmt(v) for v in row])
     _out.print(t)
+
+
+class StageTimes:
+    """Wall time of each stage of one run, in the order the stages first ran; a stage entered again adds up.
+
+    >>> times = StageTimes()
+    >>> with times.stage("extract"):
+    ...     ...
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def show(self, caption: str | None = None) -> None:
+        total = self.total
+        share = lambda s: f"{100 * s / total:.0f} %" if total > 0 else "—"  # noqa: E731
+        rows = [(name, f"{s:.1f}", share(s)) for name, s in self.seconds.items()]
+        table("stage times", ["stage", "seconds", "share"], [*rows, ("total", f"{total:.1f}", share(total))], caption)

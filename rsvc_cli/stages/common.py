@@ -362,9 +362,23 @@ def patch_geometry(patch_cfg, input_size: int) -> tuple[int | None, int | None]:
 
 # ------------------------------------------------------------------------- content configs
 
-def activations_content(model: ModelHandle, images: ImageSets, patch: tuple, layer: str, storage_dtype: str) -> dict:
+def activations_content(model: ModelHandle, images: ImageSets, patch: tuple, layer: str, cfg) -> dict:
+    # The precision actually used, not the option: `auto` gives bfloat16 on one machine and float32 on
+    # another, and their activations must never be taken for each other.
     return stage_content("activations", model=model.identity, images=images.identity,
-                         patch={"size": patch[0], "stride": patch[1]}, layer=layer, storage_dtype=storage_dtype)
+                         patch={"size": patch[0], "stride": patch[1]}, layer=layer, storage_dtype=cfg.storage_dtype,
+                         precision=forward_precision_of(model, cfg))
+
+
+def forward_precision_of(model: ModelHandle, cfg) -> str:
+    """The precision `cfg.precision` gives this model's extraction on `cfg.device`: float32 or bfloat16."""
+    from rsvc_cli.models.precision import resolve_precision
+
+    if cfg.get("autocast") is not None:
+        raise RsvcError("autocast= is no longer an option: precision= replaces it (and applies on CPUs too).",
+                        "Drop autocast and use precision=auto (bfloat16 where the device computes it natively, for "
+                        "convolutional models), precision=bfloat16 or precision=float32.")
+    return resolve_precision(str(cfg.precision), resolve_device(cfg.device), model.module)
 
 
 def activations_path(store: Path, model: ModelHandle, content: dict) -> Path:
@@ -444,6 +458,6 @@ def check_finite(array, what: str) -> None:
         rows = _np.unique(_np.nonzero(bad)[0])
         raise RsvcError(f"{what} contain {int(bad.sum())} NaN or infinite values (in {len(rows)} patches, "
                         f"first at row {int(rows[0])}).",
-                        "Check the checkpoint and the input normalization (model.mean/model.std); with "
-                        "autocast=true try autocast=false or storage_dtype=float32, then delete that activations "
-                        "artifact and rerun.")
+                        "Check the checkpoint and the input normalization (model.mean/model.std); bfloat16 forward "
+                        "passes (precision=auto or bfloat16) or float16 storage can overflow: rerun with "
+                        "precision=float32 storage_dtype=float32 (artifacts of their own).")

@@ -3,10 +3,16 @@
 extract (both models, all layers the sweep needs, one pass each) -> decompose (both) ->
 regress -> score -> importance -> collage -> (planted-concept checks) -> report. Ends with the
 summary tables, the machine-readable results table (CSV, one row per class x concept x direction) next to the
-scores artifact, and the report's path.
+scores artifact, and the report's path. The wall time of each stage is printed last and kept next to
+that table (`<scores>.times.json`, the latest run's), so where a run spends its time stays visible.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
 
 from rsvc_cli import console
 from rsvc_cli.stages import collage as collage_stage
@@ -14,30 +20,67 @@ from rsvc_cli.stages import importance as importance_stage
 from rsvc_cli.stages import planted
 from rsvc_cli.stages.provenance import RANDOM_WEIGHTS_BANNER, random_weights
 from rsvc_cli.stages import report as report_stage
+from rsvc_cli.stages.common import forward_precision_of, resolve_device
 from rsvc_cli.stages.regress import prepare_pair, regress
 from rsvc_cli.stages.score import score, write_results_table
 
 
 def run(cfg) -> dict:
-    pair = prepare_pair(cfg)
-    result = score(pair, cfg, regress(pair, cfg))
+    times = console.StageTimes()
+    pair = prepare_pair(cfg, times)
+    with times.stage("regress"):
+        regression = regress(pair, cfg)
+    with times.stage("score"):
+        result = score(pair, cfg, regression)
     if cfg.importance.enabled:
-        result["importance"] = importance_stage.importance(pair, cfg, result)
+        with times.stage("importance"):
+            result["importance"] = importance_stage.importance(pair, cfg, result)
     extra = importance_stage.table_columns(result.get("importance"))
     # The full table before the pictures: a failing collage (disk full) must not leave the table
     # that `score` wrote without its importance columns.
     result["table"] = write_results_table(result["path"].with_suffix(".csv"), result, extra_columns=extra)
-    result["collages"] = collage_stage.collage(pair, cfg, result) if cfg.collage.enabled else {}
-    if not cfg.collage.enabled:
+    if cfg.collage.enabled:
+        with times.stage("collage"):
+            result["collages"] = collage_stage.collage(pair, cfg, result)
+    else:
+        result["collages"] = {}
         console.say("collages skipped (collage.enabled=false): the report has no image cards")
     # Comparison images with squares on exactly one class: the planted-concept experiment's checks.
-    check = planted.planted_check(pair, cfg, result)
+    with times.stage("planted checks"):
+        check = planted.planted_check(pair, cfg, result)
     if check is not None:
         result["planted"] = check
+    else:
+        del times.seconds["planted checks"]  # nothing was planted: no such stage in this run
     if cfg.report:
-        result["report"] = report_stage.report(pair, cfg, result)
+        with times.stage("report"):
+            result["report"] = report_stage.report(pair, cfg, result)
         console.say(f"[bold]report:[/bold] {result['report']}")
+    result["times"] = write_stage_times(result["path"].with_suffix(".times.json"), times, pair, cfg)
+    times.show(caption=f"also in {result['times']}")
     if random_weights(cfg):  # said again at the end, where the summary is read
         console.say(f"[bold yellow]{RANDOM_WEIGHTS_BANNER.upper()}[/bold yellow]: {', '.join(random_weights(cfg))} "
                     "compared with random weights (random_weights_ok=true).")
     return result
+
+
+def write_stage_times(path: Path, times: console.StageTimes, pair, cfg) -> Path:
+    """The run's stage times with what they depend on most: forward-pass precision, device, threads."""
+    import torch
+
+    from rsvc_cli.models.precision import describe_precision
+
+    device = resolve_device(cfg.device)
+    record = {
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": {name: round(s, 3) for name, s in times.seconds.items()},
+        "total_seconds": round(times.total, 3),
+        "forward_precision": {m.label: describe_precision(forward_precision_of(m, cfg), device)
+                              for m in (pair.model1, pair.model2)},
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -74,7 +74,7 @@ def activations_for(model: ModelHandle, images: ImageSets, cfg, layer: str, extr
 
     paths = extract_layers(model, images, cfg.patch, [layer, *extra_layers], cfg)
     geometry = patch_geometry(cfg.patch, model.input_size)
-    return paths[layer], activations_content(model, images, geometry, layer, cfg.storage_dtype)
+    return paths[layer], activations_content(model, images, geometry, layer, cfg)
 
 
 def decomposition_params(cfg) -> dict:

@@ -53,7 +53,7 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
     layers = resolve_layer_names(model.module, list(dict.fromkeys(layers)))
     geometry = patch_geometry(patch_cfg, model.input_size)
     store = store_dir(run_cfg)
-    contents = {layer: activations_content(model, images, geometry, layer, run_cfg.storage_dtype) for layer in layers}
+    contents = {layer: activations_content(model, images, geometry, layer, run_cfg) for layer in layers}
     paths = {layer: activations_path(store, model, contents[layer]) for layer in layers}
 
     todo = [layer for layer in layers if not is_complete(paths[layer], "activations", contents[layer])]
@@ -81,6 +81,7 @@ def extract_layers(model: ModelHandle, images: ImageSets, patch_cfg, layers: lis
 
 def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, contents, run_cfg) -> None:
     from rsvc_cli.models.hooks import LayerRecorder
+    from rsvc_cli.models.precision import describe_precision, forward_precision
 
     device = resolve_device(run_cfg.device)
     dtype = STORAGE_DTYPES[run_cfg.storage_dtype]
@@ -92,6 +93,7 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
     seeds = {"dataset.seed": images.identity["seed"]}
     if hasattr(images.source, "check"):  # image files: every unusable one listed before anything is written
         images.source.check(images.image_index, min_side=geometry[0])
+    precision = next(iter(contents.values()))["precision"]
 
     with contextlib.ExitStack() as stack:
         writers = {l: stack.enter_context(ArtifactWriter(paths[l], "activations", contents[l], seeds=seeds, resume=True))
@@ -106,18 +108,19 @@ def _extract(model: ModelHandle, images: ImageSets, geometry, layers, paths, con
             datasets = {l: writers[l].file["activations"] for l in layers}
         loader = torch.utils.data.DataLoader(_Batches(dataset, n_done, int(run_cfg.batch_size)), batch_size=None,
                                              shuffle=False, num_workers=int(run_cfg.num_workers))
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run_cfg.autocast and device.type == "cuda"
-                    else contextlib.nullcontext())
+        for l in layers:
+            writers[l].file.attrs["precision"] = describe_precision(precision, device)
         bar = console.progress(n_patches, f"extract {model.label} [{', '.join(layers)}]", unit="patch",
                                initial=n_done * patches_per_image)
         start = n_done
         try:
-            with torch.inference_mode(), recorder:
+            # Layout changes outside inference mode: weights made inside it could not take part in the
+            # gradients of a later importance pass.
+            with forward_precision(module, precision, device), torch.inference_mode(), recorder:
                 for inputs, b, _, boxes, squares in _prefetched(loader):
                     inputs = inputs.to(device, non_blocking=True)
-                    with autocast:
-                        # Nothing past the deepest requested layer is needed.
-                        _, vectors = recorder(inputs, stop_early=True)
+                    # Nothing past the deepest requested layer is needed.
+                    _, vectors = recorder(inputs, stop_early=True)
                     if datasets is None:
                         datasets = {l: _create_layout(writers[l].file, images, dataset, vectors[l].shape[-1], dtype)
                                     for l in layers}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from rsvc_cli import console
+from rsvc_cli.console import StageTimes
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
 from rsvc_cli.store.keys import stage_content
@@ -66,21 +67,26 @@ class Pair:
     concepts2: tuple
 
 
-def prepare_pair(cfg) -> Pair:
-    """Load both models and make sure their activations and concepts are in the store."""
+def prepare_pair(cfg, times: StageTimes | None = None) -> Pair:
+    """Load both models and make sure their activations and concepts are in the store (`times`: the wall
+    time of loading, extraction and decomposition)."""
     from rsvc_cli.stages.provenance import check_weights
 
+    times = times or StageTimes()
     check_weights(cfg)  # random weights only when asked for, before any work
-    model1, model2 = load_model(cfg.model1, cfg), load_model(cfg.model2, cfg)
-    images = load_image_sets(cfg.dataset)
-    layer1, layer2 = str(cfg.layer1), str(cfg.layer2)
-    for model in (model1, model2):
-        check_grouping(model, images, cfg)
-    # Every layer a sweep needs from a model is recorded in one pass (extract_layers1/2).
-    acts1 = activations_for(model1, images, cfg, layer1, extra_layers=list(cfg.extract_layers1))
-    acts2 = activations_for(model2, images, cfg, layer2, extra_layers=list(cfg.extract_layers2))
-    c1 = (decompose(model1, images, cfg, layer1, activations=acts1), concepts_content(model1, images, cfg, acts1[1]))
-    c2 = (decompose(model2, images, cfg, layer2, activations=acts2), concepts_content(model2, images, cfg, acts2[1]))
+    with times.stage("load"):
+        model1, model2 = load_model(cfg.model1, cfg), load_model(cfg.model2, cfg)
+        images = load_image_sets(cfg.dataset)
+        layer1, layer2 = str(cfg.layer1), str(cfg.layer2)
+        for model in (model1, model2):
+            check_grouping(model, images, cfg)
+    with times.stage("extract"):
+        # Every layer a sweep needs from a model is recorded in one pass (extract_layers1/2).
+        acts1 = activations_for(model1, images, cfg, layer1, extra_layers=list(cfg.extract_layers1))
+        acts2 = activations_for(model2, images, cfg, layer2, extra_layers=list(cfg.extract_layers2))
+    with times.stage("decompose"):
+        c1 = (decompose(model1, images, cfg, layer1, activations=acts1), concepts_content(model1, images, cfg, acts1[1]))
+        c2 = (decompose(model2, images, cfg, layer2, activations=acts2), concepts_content(model2, images, cfg, acts2[1]))
     return Pair(model1, model2, images, layer1, layer2, acts1, acts2, c1, c2)
 
 
