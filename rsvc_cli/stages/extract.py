@@ -6,6 +6,10 @@ artifact of their own: `common.predicted_classes_for`); each layer is its own ar
 (`activations/<model>-<layer>-<key>.h5`) so that layers are shared between comparisons. Layers
 that are already complete are skipped; the others are written together, resumably: the partial
 files record how many images are done, and a rerun continues from there.
+
+The forward passes run in the precision `precision` gives the model on this device (`models.precision`:
+bf16 autocast with channels-last weights, or float32); the vectors are stored in float32 (or
+storage_dtype) either way, and the precision used is part of their key.
 """
 
 from __future__ import annotations

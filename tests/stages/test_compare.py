@@ -127,6 +127,14 @@ def test_cifar_comparison_from_the_repository_root_prints_per_class_similarities
     assert weights == {name: _file_sha256(CHECKPOINTS[name]) for name in ("cifar_resnet20", "cifar_resnet56")}
     assert (Path(re.search(r"^report: (\S+)$", first.stderr, flags=re.M).group(1))).is_file()
 
+    # Every stage's wall time, printed last and kept beside the results table.
+    times = json.loads(table_path.with_suffix(".times.json").read_text())
+    assert list(times["seconds"]) == ["load", "extract", "decompose", "regress", "score", "importance", "collage",
+                                      "report"]
+    assert times["total_seconds"] == pytest.approx(sum(times["seconds"].values()), abs=0.01)
+    assert set(times["forward_precision"]) == {"cifar_resnet20", "cifar_resnet56"}
+    assert "stage times" in first.stdout.split("per class:")[-1]
+
     # A rerun computes nothing and prints the same numbers.
     stamps = {p: p.stat().st_mtime_ns for p in store.rglob("*.h5")}
     second = _rsvc_compare(store, *SMALL_CIFAR)
