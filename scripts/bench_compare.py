@@ -145,14 +145,14 @@ def main() -> int:
         print(f"precision={precision}: {runs[precision][0]:.1f} s ({', '.join(sorted(set(runs[precision][1]['forward_precision'].values())))})")
 
     stages = list(dict.fromkeys(name for _, record in runs.values() for name in record["seconds"]))
-    header = f"{'stage':<12}" + "".join(f"{p:>12}" for p in precisions) + ("   ratio" if len(runs) > 1 else "")
+    header = f"{'stage':<22}" + "".join(f"{p:>12}" for p in precisions) + ("   ratio" if len(runs) > 1 else "")
     print("\n" + header)
     rows = [(name, [runs[p][1]["seconds"].get(name, 0.0) for p in precisions]) for name in stages]
     rows += [("stages", [runs[p][1]["total_seconds"] for p in precisions]),
              ("command", [runs[p][0] for p in precisions])]
     for name, values in rows:
         ratio = f"   {values[0] / values[1]:.2f}x" if len(values) > 1 and values[1] > 0 else ""
-        print(f"{name:<12}" + "".join(f"{v:>10.1f} s" for v in values) + ratio)
+        print(f"{name:<22}" + "".join(f"{v:>10.1f} s" for v in values) + ratio)
     return 0
 
 

@@ -57,7 +57,8 @@ def run(cfg) -> dict:
             result["report"] = report_stage.report(pair, cfg, result)
         console.say(f"[bold]report:[/bold] {result['report']}")
     result["times"] = write_stage_times(result["path"].with_suffix(".times.json"), times, pair, cfg)
-    times.show(caption=f"also in {result['times']}")
+    times.show()
+    console.say(f"stage times: {result['times']}")
     if random_weights(cfg):  # said again at the end, where the summary is read
         console.say(f"[bold yellow]{RANDOM_WEIGHTS_BANNER.upper()}[/bold yellow]: {', '.join(random_weights(cfg))} "
                     "compared with random weights (random_weights_ok=true).")

@@ -129,8 +129,8 @@ def test_cifar_comparison_from_the_repository_root_prints_per_class_similarities
 
     # Every stage's wall time, printed last and kept beside the results table.
     times = json.loads(table_path.with_suffix(".times.json").read_text())
-    assert list(times["seconds"]) == ["load", "extract", "decompose", "regress", "score", "importance", "collage",
-                                      "report"]
+    assert list(times["seconds"]) == ["load or train models", "extract", "decompose", "regress", "score",
+                                      "importance", "collage", "report"]
     assert times["total_seconds"] == pytest.approx(sum(times["seconds"].values()), abs=0.01)
     assert set(times["forward_precision"]) == {"cifar_resnet20", "cifar_resnet56"}
     assert "stage times" in first.stdout.split("per class:")[-1]
