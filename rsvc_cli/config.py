@@ -114,6 +114,7 @@ class DecompositionConfig:
     method: str = "nmf"  # nmf | semi_nmf | pca | kmeans
     n_concepts: int = 10
     init: str = "nndsvd"
+    solver: Optional[str] = None  # nmf only: cd (scikit-learn's fixed point) | hals_accelerated
     max_iter: int = 500
     tol: float = 1e-4
     seed: int = 0

@@ -7,11 +7,13 @@ depend on the other entries (converged entries are frozen, not iterated further)
 
 Estimators follow scikit-learn: ``__init__`` stores parameters, ``fit(activations)`` returns self and
 sets ``concept_basis_``, ``coefficients_``, ``reconstruction_error_`` (Frobenius norm of A - U W per
-batch entry, like sklearn's ``NMF.reconstruction_err_``) and ``n_iter_`` (per batch entry).
+batch entry, like sklearn's ``NMF.reconstruction_err_``), ``n_iter_`` and ``converged_`` (per batch
+entry: whether the stopping rule was met before ``max_iter``; always True for PCA).
 
 - ``NMF``: NNDSVD initialization and the coordinate-descent (HALS) updates of scikit-learn's
-  ``solver="cd"``, vectorized over batch entries and samples and accelerated by extrapolation;
-  transform is exact NNLS.
+  ``solver="cd"``, vectorized over batch entries and samples (``solver="cd"``: the same iterates,
+  so the same fixed point; ``solver="hals_accelerated"``: extra sweeps and extrapolation, faster,
+  other optima); transform is exact NNLS.
 - ``SemiNMF``: non-negative U, signed W, the multiplicative updates of Ding, Li & Jordan (2010).
 - ``PCA``: coefficients are projections of the centered activations on the principal axes.
 - ``KMeans``: Lloyd's algorithm from a seeded greedy k-means++; W = centroids, U = one-hot.
@@ -40,6 +42,9 @@ __all__ = [
 SIGN_TREATMENTS = ("error", "clamp", "split")
 # NNDSVD: entries below this are zero, as in scikit-learn's _initialize_nmf (eps=1e-6).
 _NNDSVD_EPS = 1e-6
+# NMF solvers: "cd" makes scikit-learn's iterates (its fixed point from the same start), the default;
+# "hals_accelerated" is faster but settles elsewhere (see NMF's docstring and the README).
+NMF_SOLVERS = ("cd", "hals_accelerated")
 # Accelerated HALS: sweeps per factor update on one pair of products with the activations. With
 # k = 10 the subproblem is nearly solved after 2 or 3 (scikit-learn's 1 sweep: 159 iterations on
 # the benchmark data, 3 sweeps: 107). 2, because on exactly low-rank data, where both solvers
@@ -129,12 +134,13 @@ class _Decomposition:
             )
         return activations
 
-    def _store(self, batch_shape, flat, coefficients, concept_basis, n_iter):
+    def _store(self, batch_shape, flat, coefficients, concept_basis, n_iter, converged):
         """Learned attributes of a factorization of the flattened batch ``flat`` (B, n, d)."""
         self.coefficients_ = coefficients.reshape(*batch_shape, *coefficients.shape[-2:])
         self.concept_basis_ = concept_basis.reshape(*batch_shape, *concept_basis.shape[-2:])
         self.reconstruction_error_ = _reconstruction_error(flat, coefficients, concept_basis).reshape(batch_shape)
         self.n_iter_ = n_iter.reshape(batch_shape)
+        self.converged_ = converged.reshape(batch_shape)
 
 
 class NMF(_Decomposition):
@@ -142,10 +148,19 @@ class NMF(_Decomposition):
 
     The algorithm of ``sklearn.decomposition.NMF(solver="cd", beta_loss="frobenius")``: NNDSVD
     initialization from a seeded randomized SVD, then per iteration coordinate-descent (HALS)
-    sweeps over the concepts for U and for W (two per factor, accelerated HALS: scikit-learn does
-    one) from extrapolated factors (Ang & Gillis 2019), stopping when the summed projected-gradient
-    violation falls below ``tol`` times that of the first iteration (scikit-learn's rule; about a
-    third of scikit-learn's iterations on activation-like data, a lower error on average).
+    sweeps over the concepts for U and then for W, stopping when the summed projected-gradient
+    violation falls below ``tol`` times that of the first iteration (scikit-learn's rule).
+
+    ``solver``:
+
+    - "cd" (default): one sweep per factor, concepts in order, as scikit-learn's cd solver with
+      ``shuffle=False``: the same iterates, so from the same start the same solution (bases and
+      errors agree to rounding), the fixed point the method is defined by.
+    - "hals_accelerated": two sweeps per factor from extrapolated factors (Ang & Gillis 2019);
+      about a third of the iterations and a lower error on average, but a non-monotone path that
+      can settle in another local optimum than scikit-learn's (other concepts, sometimes a higher
+      error).
+
     ``init``: "nndsvd", "nndsvda" (zeros filled with the mean activation) or "nndsvdar" (small random
     fill). ``dtype``: None computes in the activations' floating dtype, or "float32"/"float64".
     """
@@ -153,9 +168,10 @@ class NMF(_Decomposition):
     _name = "NMF"
     _needs_nonnegative = True
 
-    def __init__(self, n_concepts=10, init="nndsvd", max_iter=200, tol=1e-4, seed=0, dtype=None):
+    def __init__(self, n_concepts=10, init="nndsvd", solver="cd", max_iter=200, tol=1e-4, seed=0, dtype=None):
         self.n_concepts = n_concepts
         self.init = init
+        self.solver = solver
         self.max_iter = max_iter
         self.tol = tol
         self.seed = seed
@@ -168,12 +184,17 @@ class NMF(_Decomposition):
                 problem=f"Unknown NMF init {self.init!r}.",
                 fix="Use decomposition.init=nndsvd, nndsvda or nndsvdar.",
             )
+        if self.solver not in NMF_SOLVERS:
+            raise RsvcError(
+                problem=f"Unknown NMF solver {self.solver!r}.",
+                fix=f"Use decomposition.solver=cd (scikit-learn's fixed point, the default) or "
+                "decomposition.solver=hals_accelerated (faster, other optima).",
+            )
         batch_shape, flat = _flatten_batch(activations)
         coefficients, concept_basis = _nndsvd(flat, self.n_concepts, self.init, self.seed)
-        coefficients, concept_basis, n_iter = _fit_nmf_coordinate_descent(
-            flat, coefficients, concept_basis, self.max_iter, self.tol
-        )
-        self._store(batch_shape, flat, coefficients, concept_basis, n_iter)
+        fit = _fit_nmf_coordinate_descent if self.solver == "cd" else _fit_nmf_accelerated_hals
+        coefficients, concept_basis, n_iter, converged = fit(flat, coefficients, concept_basis, self.max_iter, self.tol)
+        self._store(batch_shape, flat, coefficients, concept_basis, n_iter, converged)
         return self
 
 
@@ -200,9 +221,9 @@ class SemiNMF(_Decomposition):
         batch_shape, flat = _flatten_batch(activations)
         kmeans = KMeans(self.n_concepts, seed=self.seed, max_iter=20).fit(flat)
         coefficients = kmeans.coefficients_ + 0.2
-        coefficients, n_iter = _fit_semi_nmf(flat, coefficients, self.max_iter, self.tol)
+        coefficients, n_iter, converged = _fit_semi_nmf(flat, coefficients, self.max_iter, self.tol)
         concept_basis = _least_squares_basis(flat, coefficients)
-        self._store(batch_shape, flat, coefficients, concept_basis, n_iter)
+        self._store(batch_shape, flat, coefficients, concept_basis, n_iter, converged)
         return self
 
 
@@ -233,6 +254,7 @@ class PCA(_Decomposition):
         self.coefficients_ = (activations - mean) @ axes.mT
         self.reconstruction_error_ = _frobenius(activations - mean - self.coefficients_ @ axes)
         self.n_iter_ = torch.ones(activations.shape[:-2], dtype=torch.long, device=activations.device)
+        self.converged_ = torch.ones(activations.shape[:-2], dtype=torch.bool, device=activations.device)
         return self
 
     def transform(self, activations) -> torch.Tensor:
@@ -267,7 +289,7 @@ class KMeans(_Decomposition):
         activations = self._validated(activations)
         batch_shape, flat = _flatten_batch(activations)
         centroids = _kmeans_plus_plus(flat, self.n_concepts, self.seed)
-        centroids, n_iter = _lloyd(flat, centroids, self.max_iter, self.tol)
+        centroids, n_iter, converged = _lloyd(flat, centroids, self.max_iter, self.tol)
         labels, squared_distance = _nearest(flat, centroids)
         self.concept_basis_ = centroids.reshape(*batch_shape, *centroids.shape[-2:])
         self.labels_ = labels.reshape(*batch_shape, labels.shape[-1])
@@ -275,6 +297,7 @@ class KMeans(_Decomposition):
         self.inertia_ = squared_distance.sum(-1, dtype=torch.float64).reshape(batch_shape)
         self.reconstruction_error_ = self.inertia_.sqrt()
         self.n_iter_ = n_iter.reshape(batch_shape)
+        self.converged_ = converged.reshape(batch_shape)
         return self
 
     def transform(self, activations) -> torch.Tensor:
@@ -405,14 +428,46 @@ def _randomized_svd(matrix, rank, seed, n_oversamples=10):
 
 
 def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_iter, tol):
-    """scikit-learn's NMF coordinate descent (``_fit_coordinate_descent``), batched and accelerated.
+    """scikit-learn's NMF coordinate descent (``_fit_coordinate_descent`` with ``shuffle=False``, no
+    regularization), batched: its iterates, so its solution from the same start.
+
+    Per iteration, as scikit-learn: one HALS sweep of U (its "update W") against W W^T and A W^T, then
+    one sweep of W against the updated U^T U and U^T A; concepts in order 0..k-1, each update using
+    the ones before it (Gauss-Seidel: what makes the iteration monotone, so that loop cannot be
+    vectorized without changing the algorithm). The violation is the summed |projected gradient| of
+    both sweeps; an entry stops at the first iteration where it is at most ``tol`` times the first
+    iteration's (or the first one's is 0), its factors as they are then (no extra update).
 
     Factors are kept concept-major, coefficients as U^T (B, k, n), so that the update of concept t
-    touches one contiguous row for every batch entry and sample at once. The k concepts are visited
-    one after another: each update uses the ones before it (Gauss-Seidel), which is what makes the
-    iteration monotone, so that loop cannot be vectorized without changing the algorithm.
+    touches one contiguous row for every batch entry and sample at once. Returns (U, W, n_iter,
+    converged).
+    """
+    coefficients_t = coefficients.mT.contiguous()
+    concept_basis = concept_basis.contiguous()
+    tracker = _BatchConvergence((coefficients_t, concept_basis))
+    violation_init = None
+    iteration = 0
+    for iteration in range(1, max_iter + 1):
+        # W A^T is (B, k, n), the concept-major layout of U^T, and the fastest form of this product.
+        violation = _hals_sweeps(coefficients_t, concept_basis @ concept_basis.mT, concept_basis @ activations.mT)
+        violation += _hals_sweeps(concept_basis, coefficients_t @ coefficients_t.mT, coefficients_t @ activations)
+        if violation_init is None:
+            violation_init = violation
+        converged = (violation_init == 0) | (violation <= tol * violation_init)
+        keep = tracker.update((coefficients_t, concept_basis), converged, iteration)
+        if keep is not None:
+            if keep.numel() == 0:
+                break
+            activations, coefficients_t, concept_basis = activations[keep], coefficients_t[keep], concept_basis[keep]
+            violation_init = violation_init[keep]
+    coefficients_t, concept_basis = tracker.finish((coefficients_t, concept_basis), iteration)
+    return coefficients_t.mT.contiguous(), concept_basis, tracker.n_iter, tracker.converged
 
-    Two accelerations, each measured to reach the same or a lower error in fewer iterations:
+
+def _fit_nmf_accelerated_hals(activations, coefficients, concept_basis, max_iter, tol):
+    """scikit-learn's NMF coordinate descent, batched and accelerated (``solver="hals_accelerated"``).
+
+    The layout and the sweeps of _fit_nmf_coordinate_descent, with two accelerations, each measured to reach the same or a lower error in fewer iterations:
 
     - Accelerated HALS (Gillis & Glineur, Neural Computation 2012): the products with the
       activations (A W^T, U^T A: n d k flops each) dominate an iteration, while a HALS sweep on the
@@ -423,7 +478,8 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
       U + beta (U - U_previous), clipped at 0. Where the error of an iteration goes up, that entry
       restarts from its plain iterates with a smaller beta; while it goes down, beta grows. On the
       benchmark data (100 classes): 54 iterations instead of 124 (scikit-learn: 153), the error
-      3.7e-4 below scikit-learn's on average and at most 4.1e-3 above it (one class).
+      3.7e-4 below scikit-learn's on average and at most 4.1e-3 above it (one class). The path is
+      not scikit-learn's: on real activations it often ends in another local optimum.
 
     The stopping rule is scikit-learn's: the summed projected-gradient violation, measured in the
     first sweep of each factor, below ``tol`` times that of the first iteration. A last U update
@@ -448,12 +504,12 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
         # W A^T is (B, k, n), the concept-major layout of U^T, and the fastest form of this product.
         gram, cross = ahead_basis @ ahead_basis.mT, ahead_basis @ activations.mT
         previous_t, coefficients_t = coefficients_t, ahead_t
-        violation = _hals_sweeps(coefficients_t, gram, cross)
+        violation = _hals_sweeps(coefficients_t, gram, cross, _INNER_SWEEPS)
         ahead_t = torch.addcmul(coefficients_t, step, coefficients_t - previous_t).clamp_(min=0)
         # W step: gradient in W is (U^T U) W - U^T A.
         gram, cross = ahead_t @ ahead_t.mT, ahead_t @ activations
         previous_basis, concept_basis = concept_basis, ahead_basis
-        violation += _hals_sweeps(concept_basis, gram, cross)
+        violation += _hals_sweeps(concept_basis, gram, cross, _INNER_SWEEPS)
         ahead_basis = torch.addcmul(concept_basis, step, concept_basis - previous_basis).clamp_(min=0)
         # ||A - U_ahead W||^2 from the products at hand: ||A||^2 - 2 <W, U^T A> + <U^T U, W W^T>.
         error = (
@@ -483,12 +539,12 @@ def _fit_nmf_coordinate_descent(activations, coefficients, concept_basis, max_it
     coefficients_t, concept_basis = tracker.finish((coefficients_t, concept_basis), iteration)
     # The basis was last fitted against the extrapolated coefficients: update U against it.
     gram, cross = concept_basis @ concept_basis.mT, concept_basis @ all_activations.mT
-    _hals_sweeps(coefficients_t, gram, cross)
-    return coefficients_t.mT.contiguous(), concept_basis, tracker.n_iter
+    _hals_sweeps(coefficients_t, gram, cross, _INNER_SWEEPS)
+    return coefficients_t.mT.contiguous(), concept_basis, tracker.n_iter, tracker.converged
 
 
-def _hals_sweeps(factor, gram, cross):
-    """``_INNER_SWEEPS`` HALS sweeps of ``factor`` in place; returns the violation of the first.
+def _hals_sweeps(factor, gram, cross, n_sweeps=1):
+    """``n_sweeps`` HALS sweeps of ``factor`` in place; returns the violation of the first.
 
     On CPUs a compiled kernel runs them (compiled.hals_sweeps): each column's updates are
     independent of the other columns', so it works through blocks of columns in cache instead of
@@ -496,10 +552,10 @@ def _hals_sweeps(factor, gram, cross):
     per sweep at k = 10). GPUs, and CPUs without the kernels, take the torch sweeps below.
     """
     if compiled.handles(factor) and factor.is_contiguous():
-        violation = compiled.hals_sweeps(factor.numpy(), gram.numpy(), cross.numpy(), _INNER_SWEEPS)
+        violation = compiled.hals_sweeps(factor.numpy(), gram.numpy(), cross.numpy(), n_sweeps)
         return torch.from_numpy(violation)
     violation = _coordinate_descent_sweep(factor, gram, cross, track_violation=True)
-    for _ in range(_INNER_SWEEPS - 1):
+    for _ in range(n_sweeps - 1):
         _coordinate_descent_sweep(factor, gram, cross)
     return violation
 
@@ -553,7 +609,7 @@ def _fit_semi_nmf(activations, coefficients, max_iter, tol):
         tiny = torch.finfo(activations.dtype).tiny
         coefficients.mul_((numerator / denominator.clamp_min(tiny)).sqrt())
     (coefficients,) = tracker.finish((coefficients,), iteration)
-    return coefficients, tracker.n_iter
+    return coefficients, tracker.n_iter, tracker.converged
 
 
 def _least_squares_basis(activations, coefficients):
@@ -619,7 +675,7 @@ def _lloyd(activations, centroids, max_iter, tol):
             activations, centroids, labels = activations[keep], centroids[keep], labels[keep]
             variance_scale = variance_scale[keep]
     (centroids,) = tracker.finish((centroids,), iteration)
-    return centroids, tracker.n_iter
+    return centroids, tracker.n_iter, tracker.converged
 
 
 def _nearest(activations, centroids):
@@ -657,6 +713,8 @@ class _BatchConvergence:
         self.n_iter = torch.zeros(n_batch, dtype=torch.long, device=device)
         self.origin = torch.arange(n_batch, device=device)  # original index of each live entry
         self.finished = torch.zeros(n_batch, dtype=torch.bool, device=device)
+        # Per original entry: whether its stopping rule was met (False: it stopped at max_iter).
+        self.converged = torch.zeros(n_batch, dtype=torch.bool, device=device)
 
     def update(self, state, converged, iteration):
         """Record the live entries converged at ``iteration``. Returns None to go on with the same
@@ -664,6 +722,7 @@ class _BatchConvergence:
         newly = converged & ~self.finished
         if bool(newly.any()):
             self._save(state, newly.nonzero().squeeze(-1), iteration)
+            self.converged[self.origin[newly]] = True
             self.finished |= newly
         n_finished = int(self.finished.sum())
         if n_finished < max(1, len(self.finished) // 8):

@@ -79,7 +79,7 @@ def activations_for(model: ModelHandle, images: ImageSets, cfg, layer: str, extr
 
 def decomposition_params(cfg) -> dict:
     d = to_plain(cfg.decomposition)
-    return {k: d[k] for k in ("method", "n_concepts", "init", "max_iter", "tol", "seed", "signed", "per_class")}
+    return {k: d[k] for k in ("method", "n_concepts", "init", "solver", "max_iter", "tol", "seed", "signed", "per_class")}
 
 
 def check_grouping(model: ModelHandle, images: ImageSets, cfg) -> None:
@@ -132,11 +132,27 @@ def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activation
             write_array(g, "rows", result["rows"], "patch (rows of the activations artifact)")
             g.attrs["reconstruction_error"] = float(result["reconstruction_error"])
             g.attrs["relative_reconstruction_error"] = float(result["relative_reconstruction_error"])
+            g.attrs["n_iter"] = int(result["n_iter"])
+            g.attrs["converged"] = bool(result["converged"])
             if result["mean"] is not None:
                 write_array(g, "mean", result["mean"], "feature")
+        report_unconverged(fitted, params)
 
     prefix = f"{model.label}-{layer}-{params['method']}{params['n_concepts']}"
     return produce(store_dir(cfg), "concepts", prefix, content, write, seeds={"decomposition.seed": params["seed"]})
+
+
+def report_unconverged(fitted: dict[str, dict], params: dict) -> None:
+    """One console line per class whose fit stopped at decomposition.max_iter before its stopping
+    rule was met: its concepts are not the solver's fixed point (the artifact records it too)."""
+    from rsvc_cli import console
+
+    for name, result in fitted.items():
+        if not result["converged"]:
+            console.say(f"{params['method']} of class '{name}' did not converge in decomposition.max_iter="
+                        f"{params['max_iter']} iterations (tol={params['tol']}, relative error "
+                        f"{result['relative_reconstruction_error']:.4g}); raise decomposition.max_iter to reach "
+                        "its fixed point.")
 
 
 def check_varies(values: np.ndarray, what: str) -> None:
@@ -166,8 +182,12 @@ def make_estimator(params: dict):
 
     method = params["method"]
     accepted = inspect.signature(_METHODS[method]).parameters if method in _METHODS else {}
-    given = {"n_concepts": int(params["n_concepts"]), "init": params.get("init"), "max_iter": params.get("max_iter"),
-             "tol": params.get("tol"), "seed": params.get("seed")}
+    if params.get("solver") is not None and "solver" not in accepted:
+        raise RsvcError(f"decomposition.solver={params['solver']} is set, but decomposition={method} has no solver "
+                        "option (only nmf has one).",
+                        "Remove the decomposition.solver override, or use decomposition=nmf.")
+    given = {"n_concepts": int(params["n_concepts"]), "init": params.get("init"), "solver": params.get("solver"),
+             "max_iter": params.get("max_iter"), "tol": params.get("tol"), "seed": params.get("seed")}
     return make_decomposition(method, **{k: v for k, v in given.items() if k in accepted and v is not None})
 
 
@@ -205,6 +225,8 @@ def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.d
         basis = estimator.concept_basis_.detach().cpu().numpy()
         coefficients = estimator.coefficients_.detach().cpu().numpy()
         errors = np.atleast_1d(torch.as_tensor(estimator.reconstruction_error_).cpu().numpy())
+        n_iter = np.atleast_1d(torch.as_tensor(estimator.n_iter_).cpu().numpy())
+        converged = np.atleast_1d(torch.as_tensor(estimator.converged_).cpu().numpy())
         norms = torch.linalg.matrix_norm(batch).cpu().numpy()
         if not (np.isfinite(basis).all() and np.isfinite(coefficients).all()):
             # Never store a NaN basis as a complete artifact: every later stage would reuse it.
@@ -216,6 +238,7 @@ def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.d
             results[name] = {"concept_basis": basis[i].astype(np.float32), "coefficients": coefficients[i].astype(np.float32),
                              "rows": groups[name], "reconstruction_error": errors[i],
                              "relative_reconstruction_error": errors[i] / max(norms[i], 1e-30),
+                             "n_iter": n_iter[i], "converged": converged[i],
                              "mean": None if means is None else means[i].cpu().numpy().astype(np.float32)}
         bar.update(len(names))
     bar.close()

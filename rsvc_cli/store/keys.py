@@ -25,7 +25,7 @@ REVISIONS = {
     "activations": 3,  # 2: layers of channels-last (NHWC) models averaged over their own spatial axes;
     # 3: the model's evaluation transform (resize by crop_pct, its interpolation, also for patches)
     "predictions": 2,  # 2: whole images through the model's evaluation transform
-    "concepts": 1,
+    "concepts": 2,  # 2: NMF solver=cd (scikit-learn's iterates) by default; n_iter and converged per class
     "regression": 2,  # 2: float32 products for float32 activations; exact constants per training fold
     "scores": 2,  # 2: a constant prediction of a varying concept scores 0 (flagged unpredictable), not NaN
     "importance": 2,  # 2: each class's model output is the target (not its position); replacement mix unclamped

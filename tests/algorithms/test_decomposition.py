@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans as SklearnKMeans
 from sklearn.decomposition import NMF as SklearnNMF
 from sklearn.decomposition import PCA as SklearnPCA
@@ -22,8 +23,12 @@ from rsvc_cli.algorithms.decomposition import (
 )
 from rsvc_cli.errors import RsvcError
 
-# Our NMF's reconstruction error may exceed scikit-learn's (same init, max_iter) by at most this.
+# Our NMF's reconstruction error may exceed scikit-learn's (same init, max_iter) by at most this:
+# solver="hals_accelerated" follows another path (other optima); solver="cd" makes its iterates.
 NMF_ERROR_RTOL = 0.02
+# solver="cd" against scikit-learn's cd run to convergence from the same NNDSVD start.
+CD_ERROR_RTOL = 1e-6
+CD_MIN_MATCHED_COSINE = 0.99
 # NNLS coefficients of the training data against the fitted basis vs the fitted coefficients.
 TRANSFORM_RTOL = 1e-2
 PCA_ATOL = 1e-8
@@ -38,6 +43,58 @@ def planted_low_rank(seed, n=300, d=40, rank=5, noise=0.0):
     coefficients = rng.exponential(1.0, (n, rank)) * (rng.random((n, rank)) < 0.5)
     basis = rng.exponential(1.0, (rank, d)) * (rng.random((rank, d)) < 0.4)
     return coefficients @ basis + noise * np.abs(rng.standard_normal((n, d)))
+
+
+def min_matched_cosine(basis, reference):
+    """The smallest cosine between concepts paired one-to-one (Hungarian) for the largest total."""
+    a = basis / np.linalg.norm(basis, axis=1, keepdims=True).clip(1e-300)
+    b = reference / np.linalg.norm(reference, axis=1, keepdims=True).clip(1e-300)
+    cosine = a @ b.T
+    rows, columns = linear_sum_assignment(-cosine)
+    return float(cosine[rows, columns].min())
+
+
+def activation_like(seed, n_classes=3, n=400, d=48):
+    """Sparse non-negative parts mixed, plus noise, through a ReLU (as scripts/bench_nmf.py)."""
+    rng = np.random.default_rng(seed)
+    parts = rng.exponential(1.0, (n_classes, 15, d)) * (rng.random((n_classes, 15, d)) < 0.25)
+    mixing = rng.exponential(1.0, (n_classes, n, 15)) * (rng.random((n_classes, n, 15)) < 0.3)
+    pre_activation = mixing @ parts
+    pre_activation += 0.5 * rng.standard_normal(pre_activation.shape) - 0.4 * pre_activation.mean()
+    return np.maximum(pre_activation, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_nmf_reaches_sklearns_converged_cd_solution(seed, solver_path):
+    """The default solver makes scikit-learn's cd iterates: from the same NNDSVD start, sklearn run to
+    convergence (its own stopping rule, no iteration cap reached) has the same basis and error, and
+    stops at the same iteration. A batch of classes, each compared alone."""
+    from rsvc_cli.algorithms.decomposition import _nndsvd
+
+    activations = activation_like(seed)
+    ours = NMF(n_concepts=8, init="nndsvd", max_iter=2000, seed=0).fit(torch.from_numpy(activations))
+    assert ours.solver == "cd" and ours.converged_.all()
+    start_coefficients, start_basis = _nndsvd(torch.from_numpy(activations), 8, "nndsvd", 0)
+    for index, class_activations in enumerate(activations):
+        reference = SklearnNMF(8, init="custom", solver="cd", tol=ours.tol, max_iter=100_000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            reference.fit(class_activations, W=start_coefficients[index].numpy().copy(),
+                          H=start_basis[index].numpy().copy())
+        assert min_matched_cosine(ours.concept_basis_[index].numpy(), reference.components_) >= CD_MIN_MATCHED_COSINE
+        assert float(ours.reconstruction_error_[index]) == pytest.approx(reference.reconstruction_err_, rel=CD_ERROR_RTOL)
+        assert int(ours.n_iter_[index]) == reference.n_iter_
+
+
+def test_nmf_reports_a_fit_stopped_at_max_iter_as_not_converged(solver_path):
+    activations = torch.from_numpy(activation_like(2, n_classes=2))
+    for solver in ("cd", "hals_accelerated"):
+        capped = NMF(8, solver=solver, max_iter=3, tol=1e-12).fit(activations)
+        assert capped.n_iter_.tolist() == [3, 3] and not capped.converged_.any()
+        free = NMF(8, solver=solver, max_iter=2000).fit(activations)
+        assert free.converged_.all() and (free.n_iter_ < 2000).all()
+    with pytest.raises(RsvcError, match="solver=cd"):
+        NMF(3, solver="mu").fit(activations)
 
 
 def sklearn_nmf_error(activations, n_concepts, max_iter=200):
@@ -58,9 +115,10 @@ def sklearn_nmf_error(activations, n_concepts, max_iter=200):
     ids=["random", "planted", "planted_noisy"],
 )
 @pytest.mark.parametrize("seed", [0, 1])
-def test_nmf_reconstruction_matches_sklearn(make_data, seed, solver_path):
+@pytest.mark.parametrize("solver", ["cd", "hals_accelerated"])
+def test_nmf_reconstruction_matches_sklearn(make_data, seed, solver, solver_path):
     activations = make_data(seed)
-    ours = NMF(n_concepts=5, init="nndsvd", max_iter=200, seed=0).fit(torch.from_numpy(activations))
+    ours = NMF(n_concepts=5, init="nndsvd", solver=solver, max_iter=200, seed=0).fit(torch.from_numpy(activations))
     reference = sklearn_nmf_error(activations, 5)
     scale = np.linalg.norm(activations)
     assert float(ours.reconstruction_error_) <= reference * (1 + NMF_ERROR_RTOL) + 1e-9 * scale
@@ -125,7 +183,7 @@ def test_compiled_and_torch_hals_sweeps_agree(dtype, tolerance, monkeypatch):
     for path in ("1", "0"):
         monkeypatch.setenv("RSVC_COMPILED_KERNELS", path)
         updated = factor.clone()
-        violation = decomposition._hals_sweeps(updated, gram, cross)
+        violation = decomposition._hals_sweeps(updated, gram, cross, n_sweeps=2)
         results[path] = updated, violation
     (compiled_factor, compiled_violation), (torch_factor, torch_violation) = results["1"], results["0"]
     assert (torch_factor == 0).float().mean() > 0.1 and torch.equal(torch_factor[1, 2], factor[1, 2])
