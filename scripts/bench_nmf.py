@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1600)
     parser.add_argument("--features", type=int, default=512)
     parser.add_argument("--concepts", type=int, default=10)
-    parser.add_argument("--max-iter", type=int, default=200)
+    parser.add_argument("--max-iter", type=int, default=5000, help="as configs/decomposition/nmf.yaml")
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,

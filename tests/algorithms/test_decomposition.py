@@ -280,3 +280,14 @@ def test_sign_treatments():
     assert torch.equal(apply_sign_treatment(activations.abs(), "error"), activations.abs())
     with pytest.raises(RsvcError, match="clamp"):
         apply_sign_treatment(activations, "abs")
+
+
+def test_a_solver_for_a_method_without_one_is_an_error():
+    from rsvc_cli.stages.decompose import make_estimator
+
+    params = {"method": "semi_nmf", "n_concepts": 3, "solver": "cd", "max_iter": 10, "tol": 1e-4, "seed": 0}
+    with pytest.raises(RsvcError, match="decomposition.solver=cd") as error:
+        make_estimator(params)
+    assert "decomposition=nmf" in error.value.fix
+    assert make_estimator({**params, "method": "nmf"}).solver == "cd"
+    assert isinstance(make_estimator({**params, "solver": None}), SemiNMF)
