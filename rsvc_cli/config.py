@@ -29,20 +29,44 @@ class PlantingConfig:
 
 
 @dataclass
+class ImagesPerSetConfig:
+    """Images per class for one set each; null: that set's share of images_per_class by split."""
+
+    concept: Optional[int] = None
+    regression: Optional[int] = None
+    evaluation: Optional[int] = None
+
+
+@dataclass
 class DatasetConfig:
     """Where images come from and which ones each image set gets."""
 
     name: str = "synthetic"  # imagefolder | synthetic
+    # Class-per-folder tree of the concept and regression images (and the evaluation images without
+    # evaluation_root).
     root: Optional[str] = None
-    # Optional separate split for the evaluation set (e.g. the validation/test split).
+    # The held-out split (ImageNet val, CIFAR test) that alone gives the evaluation images, its class
+    # folders matched to root's by name (imagefolder only). null: evaluation images come from root.
     evaluation_root: Optional[str] = None
     classes: Optional[List[str]] = None
     # Only the first N classes in sorted folder order (the authors: ImageNet classes 0-99).
     first_classes: Optional[int] = None
     # Images drawn per class, split concept:regression:evaluation by `split` (authors: 100/200/200).
+    # null: every image of each class, split by `split` (with evaluation_root: root's split
+    # concept:regression, every evaluation_root image evaluated).
     images_per_class: Optional[int] = 500
     split: List[int] = field(default_factory=lambda: [1, 2, 2])
+    # A set's own count per class (e.g. evaluation: 50, all ImageNet val has), instead of its share above.
+    images_per_set: ImagesPerSetConfig = field(default_factory=ImagesPerSetConfig)
+    # A class with fewer images than asked keeps each set's share of what it has, with a console note,
+    # as long as every set gets at least this many (all it asked, if that is fewer); else an error. Under
+    # group_by=predicted a class whose predicted groups fall below the same floor is skipped.
+    min_images_per_set: int = 10
     seed: int = 0
+    # label: every set grouped by the images' folder. predicted (the paper's protocol): the images of
+    # each set are grouped by the models' predictions on the whole image: a model's concepts of class c
+    # are fitted on the concept images it predicts as c, and the regression and evaluation sets of c are
+    # the images either model predicts as c (the union). Classes a model predicts too rarely are skipped.
     group_by: str = "label"  # label | predicted
     # synthetic only
     n_classes: int = 4

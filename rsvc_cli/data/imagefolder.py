@@ -147,6 +147,29 @@ def load_rgb(path: str) -> Image.Image:
         ) from None
 
 
+def class_folders(root: str, setting: str = "dataset.root") -> list[str]:
+    """The class folders of ``root``, sorted; RsvcError (naming ``setting``) when there are none."""
+    if not os.path.exists(root):
+        raise RsvcError(
+            problem=f"Dataset folder {root} ({setting}) does not exist.",
+            fix=f"Set {setting} to a folder holding one sub-folder of images per class.",
+        )
+    if not os.path.isdir(root):
+        raise RsvcError(
+            problem=f"Dataset root {root} ({setting}) is a file, not a folder.",
+            fix=f"Set {setting} to a folder holding one sub-folder of images per class.",
+        )
+    available = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _is_hidden(entry.name))
+    if not available:
+        loose = [entry.name for entry in os.scandir(root) if _is_image_file(entry.name)]
+        hint = f" (it holds {len(loose)} loose images)" if loose else ""
+        raise RsvcError(
+            problem=f"Dataset folder {root} ({setting}) has no class folders{hint}.",
+            fix="Put the images in one sub-folder per class (root/<class>/<image>), the ImageNet layout.",
+        )
+    return available
+
+
 class ImageFolderSource:
     """Images in ``root/<class>/<file>``, labelled by folder.
 
@@ -154,10 +177,12 @@ class ImageFolderSource:
     ----------
     root : folder holding one sub-folder per class.
     classes : class folder names to use, in this order (labels follow it); None = all, sorted.
+    setting : the config key that gave ``root`` (named in errors).
     """
 
-    def __init__(self, root: str | os.PathLike, classes: Iterable[str] | None = None):
+    def __init__(self, root: str | os.PathLike, classes: Iterable[str] | None = None, setting: str = "dataset.root"):
         self.root = os.fspath(root)
+        self.setting = setting  # the config key that names `root`, for errors
         self.classes = None if classes is None else [str(name) for name in classes]
         self.class_names = self._resolve_class_names()
         self.paths, labels = [], []
@@ -176,28 +201,7 @@ class ImageFolderSource:
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def _resolve_class_names(self) -> list[str]:
-        if not os.path.exists(self.root):
-            raise RsvcError(
-                problem=f"Dataset folder {self.root} does not exist.",
-                fix="Set dataset.root to a folder holding one sub-folder of images per class.",
-            )
-        if not os.path.isdir(self.root):
-            raise RsvcError(
-                problem=f"Dataset root {self.root} is a file, not a folder.",
-                fix="Set dataset.root to a folder holding one sub-folder of images per class.",
-            )
-        available = sorted(
-            entry.name
-            for entry in os.scandir(self.root)
-            if entry.is_dir() and not _is_hidden(entry.name)
-        )
-        if not available:
-            loose = [entry.name for entry in os.scandir(self.root) if _is_image_file(entry.name)]
-            hint = f" (it holds {len(loose)} loose images)" if loose else ""
-            raise RsvcError(
-                problem=f"Dataset folder {self.root} has no class folders{hint}.",
-                fix="Put the images in one sub-folder per class (root/<class>/<image>), the ImageNet layout.",
-            )
+        available = class_folders(self.root, self.setting)
         # Every class folder, sorted: how torchvision's ImageFolder numbers classes, and so the output
         # order of models trained on such a tree (stages.common.class_outputs).
         self.folder_names = available
@@ -244,3 +248,43 @@ class ImageFolderSource:
             f"ImageFolderSource(root={self.root!r}, n_classes={len(self.class_names)}, "
             f"n_images={len(self.paths)})"
         )
+
+
+class SplitSource:
+    """Two splits of one dataset in one index space: ``primary`` (e.g. train) then ``evaluation`` (e.g. val).
+
+    The evaluation split's classes are matched to the primary's by folder name and take its labels;
+    image ``i`` is ``primary``'s for ``i < n_primary``, else ``evaluation``'s image ``i - n_primary``.
+    """
+
+    def __init__(self, primary: ImageFolderSource, evaluation_root: str | os.PathLike,
+                 setting: str = "dataset.evaluation_root"):
+        evaluation_root = os.fspath(evaluation_root)
+        folders = class_folders(evaluation_root, setting)
+        missing = [name for name in primary.class_names if name not in set(folders)]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise RsvcError(
+                problem=(f"{len(missing)} compared class(es) have no folder in {setting}={evaluation_root}: {shown} "
+                         f"(it has {len(folders)} class folders, e.g. {', '.join(folders[:5])}). Evaluation images "
+                         "are matched to the classes of dataset.root by folder name."),
+                fix=(f"Point {setting} at the held-out split with the same class folders as dataset.root, or list "
+                     "only classes both have in dataset.classes."),
+            )
+        self.primary = primary
+        self.evaluation = ImageFolderSource(evaluation_root, classes=primary.class_names, setting=setting)
+        self.root, self.evaluation_root = primary.root, evaluation_root
+        self.class_names = list(primary.class_names)
+        self.folder_names = primary.folder_names
+        self.n_primary = len(primary)
+        self.paths = primary.paths + self.evaluation.paths
+        self.labels = np.concatenate([primary.labels, self.evaluation.labels])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, index: int) -> Image.Image:
+        return load_rgb(self.paths[index])
+
+    def __repr__(self) -> str:
+        return f"SplitSource(root={self.root!r}, evaluation_root={self.evaluation_root!r}, n_images={len(self)})"

@@ -9,7 +9,7 @@ class ``c``'s sets. Labels may be true labels or a model's predicted classes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +30,14 @@ class ImageSelection:
     image_set : (n,) int8, 0 concept, 1 regression, 2 evaluation (index into SET_NAMES).
     label : (n,) int64, the class the image was grouped under.
     source : (n,) int8, 0 the primary source, 1 a separate evaluation source; zeros by default.
+    notes : one line per class that got fewer images than asked (not recorded: the images say it).
     """
 
     image_index: np.ndarray
     image_set: np.ndarray
     label: np.ndarray
     source: np.ndarray | None = None
+    notes: tuple = ()
 
     def __post_init__(self):
         # Frozen dataclass: normalize dtypes through object.__setattr__.
@@ -148,27 +150,6 @@ def _draw(members: np.ndarray, sizes: np.ndarray, sets: Sequence[int], rng: np.r
     return np.concatenate(parts), image_set
 
 
-def _too_few_error(label, class_names, available, requested, where="", n_sets=len(SET_NAMES), largest_possible=None):
-    if requested is None:
-        return RsvcError(
-            problem=(
-                f"{_class_name(label, class_names)} has {available} images{where}, too few to give each of "
-                f"{n_sets} image sets one."
-            ),
-            fix="Add images of that class, or leave the class out of dataset.classes.",
-        )
-    return RsvcError(
-        problem=(
-            f"{_class_name(label, class_names)} has {available} images{where}, "
-            f"fewer than dataset.images_per_class={requested}."
-        ),
-        fix=(
-            f"Lower dataset.images_per_class to at most {available if largest_possible is None else largest_possible}, "
-            "or set it to null to use every image of each class."
-        ),
-    )
-
-
 def _check_images_per_class(images_per_class: int | None, n_sets: int) -> None:
     if images_per_class is not None and (
         not isinstance(images_per_class, (int, np.integer)) or images_per_class < n_sets
@@ -190,6 +171,82 @@ def _n_classes(n_classes: int | None, *label_arrays: np.ndarray) -> int:
     return int(n_classes)
 
 
+def requested_sizes(images_per_class: int | None, split: Sequence[float] = (1, 2, 2),
+                    images_per_set: Mapping[str, int | None] | None = None) -> np.ndarray | None:
+    """Images asked per class for each set, (3,) in SET_NAMES order; None = every image, split by ``split``.
+
+    ``images_per_set`` (``dataset.images_per_set``: concept, regression, evaluation) gives a set its own
+    count; a set it leaves out (or null) gets its share of ``images_per_class`` by ``split``.
+    """
+    ratios = _check_split(split)
+    given = dict(images_per_set or {})
+    unknown = sorted(set(given) - set(SET_NAMES))
+    if unknown:
+        raise RsvcError(
+            problem=f"dataset.images_per_set names {', '.join(unknown)}, which is not an image set.",
+            fix=f"Use the sets {', '.join(SET_NAMES)} (e.g. dataset.images_per_set.evaluation=50).",
+        )
+    given = {name: count for name, count in given.items() if count is not None}
+    for name, count in given.items():
+        if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count < 0:
+            raise RsvcError(
+                problem=f"dataset.images_per_set.{name}={count!r} is not a number of images.",
+                fix=f"Set dataset.images_per_set.{name} to a whole number of images per class (0 leaves the set out).",
+            )
+    if len(given) < len(SET_NAMES):
+        if images_per_class is None:
+            if not given:
+                return None
+            missing = [name for name in SET_NAMES if name not in given]
+            raise RsvcError(
+                problem=(f"dataset.images_per_set gives {', '.join(given)} but not {', '.join(missing)}, and "
+                         "dataset.images_per_class=null (every image) cannot be shared with fixed counts."),
+                fix=f"Give dataset.images_per_set.{missing[0]} too, or set dataset.images_per_class to a number.",
+            )
+        _check_images_per_class(images_per_class, int(np.sum(ratios > 0)))
+        sizes = split_sizes(int(images_per_class), ratios)
+    else:
+        sizes = np.zeros(len(SET_NAMES), np.int64)
+    for name, count in given.items():
+        sizes[SET_NAMES.index(name)] = int(count)
+    if sizes.sum() == 0:
+        raise RsvcError(problem="dataset.images_per_set asks for no images at all.",
+                        fix="Give the concept and regression sets at least one image each.")
+    return sizes
+
+
+def _sizes_of_class(available: int, asked: np.ndarray | None, ratios: np.ndarray, part: Sequence[int],
+                    min_images: int | None, describe) -> tuple[np.ndarray, str | None]:
+    """How many of a class's ``available`` images each set of ``part`` gets, (3,) with zeros elsewhere,
+    and a note when fewer than asked.
+
+    asked : (3,) the counts asked (zeros outside ``part``), or None for every image split by ``ratios``.
+    min_images : the fewest images a set may have when the class has fewer than asked (a set asked for
+        fewer needs all it asked); None = every set needs all it asked. ``describe(kind, detail)`` makes
+        the error.
+    """
+    in_part = np.zeros(len(SET_NAMES), bool)
+    in_part[list(part)] = True
+    if asked is None:
+        shares = np.where(in_part, ratios, 0.0)
+        if len(part) == 1:
+            shares = in_part.astype(np.float64)  # a source of its own: every image goes to its one set
+        if available < int(np.sum(shares > 0)):
+            raise describe("every", int(np.sum(shares > 0)))
+        return split_sizes(available, shares), None
+    if available >= asked.sum():
+        return asked, None
+    if min_images is None or available < int(np.sum(asked > 0)):
+        raise describe("asked", None)
+    # Fewer than asked: every set keeps its share of what there is, down to the stated minimum.
+    sizes = split_sizes(available, asked)
+    floor = np.minimum(asked, min_images)
+    if np.any(sizes < floor):
+        raise describe("minimum", floor)
+    kept = " / ".join(f"{sizes[s]} {SET_NAMES[s]}" for s in part)
+    return sizes, f"{available} images, fewer than the {int(asked.sum())} asked: using {kept}"
+
+
 def select_image_sets(
     labels,
     images_per_class: int | None,
@@ -197,91 +254,106 @@ def select_image_sets(
     split: Sequence[float] = (1, 2, 2),
     n_classes: int | None = None,
     class_names: Sequence[str] | None = None,
+    evaluation_labels=None,
+    images_per_set: Mapping[str, int | None] | None = None,
+    min_images: int | None = None,
 ) -> ImageSelection:
-    """Draw ``images_per_class`` images of each class (None = all) and split them concept:regression:evaluation.
+    """Draw each class's concept, regression and evaluation images.
 
     labels : (n_images,) class of each source image (true or predicted); labels outside
         [0, n_classes) are ignored. n_classes : classes 0..n_classes-1 (None = max label + 1).
-    class_names : only to name classes in errors.
+    images_per_class, split, images_per_set : the counts (``requested_sizes``); ``images_per_class=None``
+        and no ``images_per_set`` = every image of each class, split by ``split``.
+    evaluation_labels : classes of a second source (e.g. the validation split) that alone gives the
+        evaluation set (rows with ``source`` 1); concept and regression images then come from ``labels``.
+        With every image asked for, every evaluation-source image is evaluated.
+    min_images : a class with fewer images than asked keeps every set's share of what it has if each set
+        gets at least this many (or all it asked, if fewer), with a note in ``ImageSelection.notes``;
+        None = too few images is an error.
+    class_names : only to name classes in errors and notes.
+
+    Each class (and each source) draws from its own stream seeded by (seed, class), (seed, class, 1) for
+    the evaluation source, so adding or dropping other classes never changes a class's sets.
     """
     labels = _check_labels(labels, "labels")
-    sets = [number for number, ratio in enumerate(_check_split(split)) if ratio > 0]
-    _check_images_per_class(images_per_class, len(sets))
-    n_classes = _n_classes(n_classes, labels)
-    image_index, image_set, label = [], [], []
-    # One loop over classes: each has its own seeded stream and a ragged number of images.
-    members_by_class = _members_by_class(labels, n_classes)
-    smallest_class = min(len(members) for members in members_by_class)
-    for class_index, members in enumerate(members_by_class):
-        n_wanted = len(members) if images_per_class is None else images_per_class
-        if len(members) < max(n_wanted, len(sets)):
-            raise _too_few_error(class_index, class_names, len(members), images_per_class, n_sets=len(sets),
-                                 largest_possible=smallest_class)
-        sizes = split_sizes(n_wanted, split)
-        chosen, chosen_set = _draw(members, sizes, range(len(SET_NAMES)), np.random.default_rng([seed, class_index]))
-        image_index.append(chosen)
-        image_set.append(chosen_set)
-        label.append(np.full(len(chosen), class_index, np.int64))
-    return ImageSelection(np.concatenate(image_index), np.concatenate(image_set), np.concatenate(label))
-
-
-def select_image_sets_with_evaluation_source(
-    labels,
-    evaluation_labels,
-    images_per_class: int | None,
-    seed: int,
-    split: Sequence[float] = (1, 2, 2),
-    n_classes: int | None = None,
-    class_names: Sequence[str] | None = None,
-) -> ImageSelection:
-    """Like ``select_image_sets``, but the evaluation set comes from a second source (e.g. the test split).
-
-    The set sizes are those ``select_image_sets`` would give; concept and regression images are
-    drawn from ``labels`` (source 0), evaluation images from ``evaluation_labels`` (source 1).
-    With ``images_per_class=None`` every primary image is split concept:regression and every
-    evaluation-source image is evaluated.
-    """
-    labels = _check_labels(labels, "labels")
-    evaluation_labels = _check_labels(evaluation_labels, "evaluation_labels")
     ratios = _check_split(split)
-    if ratios[CONCEPT] <= 0 or ratios[REGRESSION] <= 0 or ratios[EVALUATION] <= 0:
+    separate = evaluation_labels is not None
+    asked = requested_sizes(images_per_class, split, images_per_set)
+    if asked is None:
+        _check_images_per_class(images_per_class, int(np.sum(ratios > 0)))
+    if separate and (ratios[EVALUATION] <= 0 if asked is None else asked[EVALUATION] <= 0):
         raise RsvcError(
-            problem=f"dataset.split={list(split)} leaves a set empty although an evaluation source is given.",
-            fix="Give all three ratios a positive value, e.g. [1, 2, 2].",
+            problem="The evaluation set is asked for no images although dataset.evaluation_root gives them.",
+            fix="Give the evaluation set a share (dataset.split=[1,2,2] or dataset.images_per_set.evaluation=N), "
+                "or drop dataset.evaluation_root.",
         )
-    _check_images_per_class(images_per_class, len(SET_NAMES))
-    n_classes = _n_classes(n_classes, labels, evaluation_labels)
-    primary_members = _members_by_class(labels, n_classes)
-    evaluation_members = _members_by_class(evaluation_labels, n_classes)
-    image_index, image_set, label, source = [], [], [], []
+    label_arrays = [labels]
+    if separate:
+        evaluation_labels = _check_labels(evaluation_labels, "evaluation_labels")
+        label_arrays.append(evaluation_labels)
+    n_classes = _n_classes(n_classes, *label_arrays)
+    parts = [((CONCEPT, REGRESSION) if separate else (CONCEPT, REGRESSION, EVALUATION),
+              _members_by_class(labels, n_classes), PRIMARY_SOURCE, " in the primary source" if separate else "")]
+    if separate:
+        parts.append(((EVALUATION,), _members_by_class(evaluation_labels, n_classes), EVALUATION_SOURCE,
+                      " in the evaluation source"))
+    image_index, image_set, label, source, notes = [], [], [], [], []
+    # One loop over classes: each has its own seeded stream and a ragged number of images.
     for class_index in range(n_classes):
-        primary, evaluation = primary_members[class_index], evaluation_members[class_index]
-        if images_per_class is None:
-            if len(primary) < 2:
-                raise _too_few_error(class_index, class_names, len(primary), None, " in the primary source", 2)
-            if len(evaluation) < 1:
-                raise _too_few_error(class_index, class_names, 0, None, " in the evaluation source", 1)
-            primary_sizes = split_sizes(len(primary), (ratios[CONCEPT], ratios[REGRESSION], 0))[:2]
-            evaluation_size = len(evaluation)
-        else:
-            sizes = split_sizes(images_per_class, ratios)
-            primary_sizes, evaluation_size = sizes[:2], sizes[EVALUATION]
-            if len(primary) < primary_sizes.sum():
-                raise _too_few_error(class_index, class_names, len(primary), images_per_class,
-                                     where=f" in the primary source ({primary_sizes.sum()} needed for concept "
-                                     "and regression)")
-            if len(evaluation) < evaluation_size:
-                raise _too_few_error(class_index, class_names, len(evaluation), images_per_class,
-                                     where=f" in the evaluation source (needs {evaluation_size})")
-        # Distinct streams per (class, source): the evaluation draw never shifts the primary one.
-        chosen, chosen_set = _draw(primary, primary_sizes, (CONCEPT, REGRESSION),
-                                   np.random.default_rng([seed, class_index]))
-        evaluation_chosen, evaluation_set = _draw(evaluation, np.array([evaluation_size]), (EVALUATION,),
-                                                  np.random.default_rng([seed, class_index, EVALUATION_SOURCE]))
-        image_index += [chosen, evaluation_chosen]
-        image_set += [chosen_set, evaluation_set]
-        label.append(np.full(len(chosen) + len(evaluation_chosen), class_index, np.int64))
-        source += [np.full(len(chosen), PRIMARY_SOURCE, np.int8),
-                   np.full(len(evaluation_chosen), EVALUATION_SOURCE, np.int8)]
+        for sets, members_by_class, source_number, where in parts:
+            members = members_by_class[class_index]
+            part_asked = None if asked is None else np.where(np.isin(np.arange(len(SET_NAMES)), sets), asked, 0)
+            describe = _describe_too_few(class_index, class_names, len(members), where, part_asked, images_per_class,
+                                         images_per_set, min_images,
+                                         min(len(m) for m in members_by_class) if not separate else None)
+            sizes, note = _sizes_of_class(len(members), part_asked, ratios, sets, min_images, describe)
+            if note:
+                notes.append(f"{_class_name(class_index, class_names)}{where}: {note}")
+            # Distinct streams per (class, source): the evaluation draw never shifts the primary one.
+            stream = [seed, class_index] if source_number == PRIMARY_SOURCE else [seed, class_index, EVALUATION_SOURCE]
+            chosen, chosen_set = _draw(members, sizes[list(sets)], sets, np.random.default_rng(stream))
+            image_index.append(chosen)
+            image_set.append(chosen_set)
+            label.append(np.full(len(chosen), class_index, np.int64))
+            source.append(np.full(len(chosen), source_number, np.int8))
     return ImageSelection(np.concatenate(image_index), np.concatenate(image_set), np.concatenate(label),
-                          np.concatenate(source))
+                          np.concatenate(source), notes=tuple(notes))
+
+
+def _describe_too_few(label, class_names, available, where, asked, images_per_class, images_per_set, min_images,
+                      smallest_class):
+    """The error for a class with too few images, made when ``_sizes_of_class`` finds it."""
+
+    def describe(kind, detail):
+        name = _class_name(label, class_names)
+        if kind == "every":
+            return RsvcError(
+                problem=f"{name} has {available} images{where}, too few to give each of {detail} image sets one.",
+                fix="Add images of that class, or leave the class out of dataset.classes.",
+            )
+        wanted = " / ".join(f"{asked[s]} {SET_NAMES[s]}" for s in range(len(SET_NAMES)) if asked[s] > 0)
+        if images_per_set is None:
+            problem = f"{name} has {available} images{where}, fewer than dataset.images_per_class={images_per_class}"
+            largest = available if smallest_class is None else smallest_class
+            lower = f"Lower dataset.images_per_class to at most {largest}"
+        else:
+            problem = f"{name} has {available} images{where}, fewer than the {int(asked.sum())} asked ({wanted})"
+            lower = "Lower dataset.images_per_set"
+        if kind == "minimum":
+            floors = " / ".join(f"{detail[s]} {SET_NAMES[s]}" for s in range(len(SET_NAMES)) if asked[s] > 0)
+            problem += f", and its share would leave a set below the minimum ({floors}; dataset.min_images_per_set={min_images})"
+        return RsvcError(
+            problem=problem + ".",
+            fix=(f"{lower}, lower dataset.min_images_per_set to use what the class has, add images of that class, "
+                 "or leave it out of dataset.classes (set dataset.images_per_class=null to use every image)."),
+        )
+
+    return describe
+
+
+def select_image_sets_with_evaluation_source(labels, evaluation_labels, images_per_class: int | None, seed: int,
+                                             split: Sequence[float] = (1, 2, 2), n_classes: int | None = None,
+                                             class_names: Sequence[str] | None = None) -> ImageSelection:
+    """``select_image_sets`` with the evaluation set from a second source (kept for its callers)."""
+    return select_image_sets(labels, images_per_class, seed, split, n_classes, class_names,
+                             evaluation_labels=evaluation_labels)

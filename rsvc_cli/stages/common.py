@@ -249,7 +249,8 @@ class ImageSets:
 
 
 def load_image_sets(dataset_cfg) -> ImageSets:
-    from rsvc_cli.data.selection import select_image_sets
+    from rsvc_cli import console
+    from rsvc_cli.data.selection import EVALUATION_SOURCE, select_image_sets
 
     d = to_plain(dataset_cfg)
     source = make_source(d)
@@ -257,18 +258,57 @@ def load_image_sets(dataset_cfg) -> ImageSets:
     if len(split) != 3 or min(split) < 0 or sum(split) == 0:
         raise RsvcError(f"dataset.split={list(split)} must be three non-negative weights (concept, regression, evaluation).",
                         "Use e.g. dataset.split=[1,2,2] (the authors' 100/200/200).")
-    selection = select_image_sets(source.labels, d.get("images_per_class"), seed=int(d.get("seed", 0)), split=split,
-                                  class_names=list(source.class_names))
+    images_per_set = {k: v for k, v in (d.get("images_per_set") or {}).items() if v is not None}
+    min_images = d.get("min_images_per_set")
+    if min_images is not None and (not isinstance(min_images, int) or min_images < 1):
+        raise RsvcError(f"dataset.min_images_per_set={min_images} is not a number of images.",
+                        "Set it to the fewest images a set of one class may have (at least 1; default 10).")
+    evaluation_root = d.get("evaluation_root")
+    if evaluation_root:
+        source = split_source(d, source)
+        # Evaluation images are numbered after the primary ones (SplitSource): selection sees two sources.
+        selection = select_image_sets(source.primary.labels, d.get("images_per_class"), seed=int(d.get("seed", 0)),
+                                      split=split, class_names=list(source.class_names),
+                                      evaluation_labels=source.evaluation.labels, images_per_set=images_per_set,
+                                      min_images=min_images)
+        from_evaluation = selection.source == EVALUATION_SOURCE
+        image_index = selection.image_index + np.where(from_evaluation, source.n_primary, 0)
+    else:
+        selection = select_image_sets(source.labels, d.get("images_per_class"), seed=int(d.get("seed", 0)), split=split,
+                                      class_names=list(source.class_names), images_per_set=images_per_set,
+                                      min_images=min_images)
+        image_index = selection.image_index
+    for note in selection.notes:
+        console.say(f"[yellow]note[/yellow] {note}")
     planting = make_planting(d.get("planting") or {}, source.class_names)
     identity = {
-        "source": source_identity(d, source, selection.image_index),
         "images_per_class": d.get("images_per_class"),
         "split": list(split),
         "seed": int(d.get("seed", 0)),
         "planting": planting_identity(d.get("planting") or {}),
     }
-    return ImageSets(source=source, class_names=list(source.class_names), image_index=selection.image_index,
+    if evaluation_root:
+        identity["source"] = source_identity(d, source.primary, selection.image_index[~from_evaluation])
+        identity["evaluation_source"] = source_identity(d, source.evaluation, selection.image_index[from_evaluation])
+    else:
+        identity["source"] = source_identity(d, source, image_index)
+    # Only when given, so the keys of runs that never set them stay as they were.
+    if images_per_set:
+        identity["images_per_set"] = images_per_set
+    return ImageSets(source=source, class_names=list(source.class_names), image_index=image_index,
                      image_set=selection.image_set, label=selection.label, identity=identity, planting=planting)
+
+
+def split_source(d: dict, primary):
+    """dataset.root's images followed by dataset.evaluation_root's, classes matched by folder name."""
+    from rsvc_cli.data.imagefolder import SplitSource
+
+    if d.get("name") != "imagefolder" or d.get("_target_"):
+        raise RsvcError(f"dataset.evaluation_root is set, but dataset {d.get('_target_') or d.get('name')} is not a "
+                        "class-per-folder tree, so it has no held-out split to take evaluation images from.",
+                        "Drop dataset.evaluation_root, or use dataset=imagefolder with dataset.root=TRAIN_DIR "
+                        "dataset.evaluation_root=VAL_DIR.")
+    return SplitSource(primary, d["evaluation_root"])
 
 
 def make_source(d: dict):

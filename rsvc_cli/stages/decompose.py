@@ -93,7 +93,11 @@ def concepts_content(model: ModelHandle, images: ImageSets, cfg, act_content: di
     """The content config of a model's concepts. With dataset.group_by=predicted it holds the output
     read as each class (`common.class_outputs`): that reading decides which patches a class gets."""
     group_by = str(cfg.dataset.group_by)
-    fields = {"class_outputs": class_outputs(model, images).tolist()} if group_by == "predicted" else {}
+    fields = {}
+    if group_by == "predicted":
+        # The floor below which a class's predicted group is skipped decides which classes are fitted.
+        fields = {"class_outputs": class_outputs(model, images).tolist(),
+                  "min_images_per_set": int(cfg.dataset.min_images_per_set)}
     return stage_content("concepts", activations=act_content, decomposition=decomposition_params(cfg),
                          group_by=group_by, **fields)
 
@@ -121,10 +125,16 @@ def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activation
         check_finite(acts.values, f"The activations of {model.label} at {layer}")
         check_varies(acts.values[acts.image_set == CONCEPT_SET], f"The activations of {model.label} at {layer}")
         predicted = predicted_class_positions(model, images, cfg) if group_by == "predicted" else None
-        fitted = fit_concepts(acts, params, group_by, device, predicted, desc=f"decompose {model.label} {layer}")
+        skipped = {}
+        if group_by == "predicted" and params["per_class"]:
+            skipped = rare_predicted_classes(acts, predicted, int(params["n_concepts"]),
+                                             int(cfg.dataset.min_images_per_set), model.label)
+        fitted = fit_concepts(acts, params, group_by, device, predicted, desc=f"decompose {model.label} {layer}",
+                              skip=set(skipped))
         f.attrs["per_class"] = bool(params["per_class"])
         f.attrs["signed"] = params["signed"]
         write_array(f, "class_names", np.array(acts.class_names, dtype=str), "class")
+        write_skipped(f, skipped)
         for name, result in fitted.items():
             g = f.create_group(f"classes/{name}")
             write_array(g, "concept_basis", result["concept_basis"], "concept,feature")
@@ -153,6 +163,51 @@ def report_unconverged(fitted: dict[str, dict], params: dict) -> None:
                         f"{params['max_iter']} iterations (tol={params['tol']}, relative error "
                         f"{result['relative_reconstruction_error']:.4g}); raise decomposition.max_iter to reach "
                         "its fixed point.")
+
+
+def group_floor(acts: Activations, class_index: int, image_set: int, min_images: int) -> int:
+    """The fewest images a predicted group of a class may have: dataset.min_images_per_set, or every image
+    the class was asked for in that set if fewer (its label count there)."""
+    asked = len(np.unique(acts.image_row[(acts.image_set == image_set) & (acts.label == class_index)]))
+    return max(1, min(asked, min_images))
+
+
+def rare_predicted_classes(acts: Activations, predicted_of_image: np.ndarray, n_concepts: int, min_images: int,
+                           model_label: str) -> dict[str, str]:
+    """Under group_by=predicted: the classes a model predicts too rarely on the concept images to fit
+    concepts on (fewer images than the floor, or fewer patches than concepts), each with why."""
+    from rsvc_cli import console
+
+    concept_rows = acts.image_set == CONCEPT_SET
+    classes = predicted_of_image[acts.image_row]
+    skipped = {}
+    for c, name in enumerate(acts.class_names):
+        rows = np.flatnonzero(concept_rows & (classes == c))
+        n_images, floor = len(np.unique(acts.image_row[rows])), group_floor(acts, c, CONCEPT_SET, min_images)
+        if n_images < floor or len(rows) < n_concepts:
+            skipped[name] = (f"{model_label} predicts it for {n_images} concept-set images ({len(rows)} patches); "
+                             f"its concepts need at least {floor} images and {n_concepts} patches")
+            console.say(f"[yellow]skipped[/yellow] class '{name}': {skipped[name]}")
+    if len(skipped) == len(acts.class_names):
+        raise RsvcError(f"dataset.group_by=predicted leaves no class to fit {model_label}'s concepts on: it predicts "
+                        "each compared class too rarely on the concept images (see the lines above).",
+                        "Raise dataset.images_per_class (or dataset.images_per_set.concept), lower "
+                        "dataset.min_images_per_set or decomposition.n_concepts, check that model.output_classes "
+                        "names the model's outputs, or use dataset.group_by=label.")
+    return skipped
+
+
+def write_skipped(f, skipped: dict[str, str]) -> None:
+    """Classes left out of an artifact and why (group_by=predicted), so reports can list them."""
+    names = sorted(skipped)
+    write_array(f, "skipped_class_names", np.array(names, dtype=str), "skipped class")
+    write_array(f, "skipped_reasons", np.array([skipped[n] for n in names], dtype=str), "skipped class")
+
+
+def read_skipped(f) -> dict[str, str]:
+    if "skipped_class_names" not in f:
+        return {}
+    return dict(zip(read_strings(f["skipped_class_names"]), read_strings(f["skipped_reasons"])))
 
 
 def check_varies(values: np.ndarray, what: str) -> None:
@@ -192,12 +247,15 @@ def make_estimator(params: dict):
 
 
 def fit_concepts(acts: Activations, params: dict, group_by: str, device: torch.device,
-                 predicted_of_image: np.ndarray | None = None, desc: str = "decompose") -> dict[str, dict]:
+                 predicted_of_image: np.ndarray | None = None, desc: str = "decompose",
+                 skip=frozenset()) -> dict[str, dict]:
+    """Concepts per class (or of all classes together), leaving out the classes in ``skip``."""
     values = prepare_activations(acts.values, params["method"], params["signed"])
     classes = class_of_patch(acts, group_by, predicted_of_image)
     concept_rows = acts.image_set == CONCEPT_SET
     if params["per_class"]:
-        groups = {name: np.nonzero(concept_rows & (classes == c))[0] for c, name in enumerate(acts.class_names)}
+        groups = {name: np.nonzero(concept_rows & (classes == c))[0] for c, name in enumerate(acts.class_names)
+                  if name not in skip}
         groups = {name: rows for name, rows in groups.items() if len(rows)}
         if not groups:
             # Otherwise an artifact without a single class would be stored as complete.
@@ -253,6 +311,7 @@ class Concepts:
     method: str
     concept_basis: dict[str, np.ndarray]
     mean: dict[str, np.ndarray]  # PCA only: the centre of the fitted activations
+    skipped: dict[str, str] = None  # class -> why it has no concepts (group_by=predicted)
 
     def basis_of(self, name: str) -> np.ndarray:
         return self.concept_basis[name if self.per_class else ALL_CLASSES]
@@ -275,7 +334,7 @@ def read_concepts(path: Path, content: dict) -> Concepts:
         means = {name: g["mean"][()] for name, g in f["classes"].items() if "mean" in g}
         return Concepts(class_names=read_strings(f["class_names"]), per_class=bool(f.attrs["per_class"]),
                         signed=str(f.attrs["signed"]), method=content["decomposition"]["method"], concept_basis=bases,
-                        mean=means)
+                        mean=means, skipped=read_skipped(f))
 
 
 def coefficients_of(values: np.ndarray, concepts: Concepts, name: str, device) -> np.ndarray:

@@ -40,8 +40,11 @@ from rsvc_cli.stages.decompose import (
     coefficients_of,
     concepts_content,
     decompose,
+    group_floor,
     read_activations,
     read_concepts,
+    read_skipped,
+    write_skipped,
 )
 
 # direction -> (predictor model, concept owner). "2->1": model 2 predicts model 1's concepts.
@@ -126,6 +129,30 @@ def comparison_rows(a1: Activations, class_index: int, image_set: int, group_by:
     return np.nonzero(in_set & ((predicted1 == class_index) | (predicted2 == class_index)))[0]
 
 
+def rare_comparison(a1: Activations, class_index: int, name: str, rows_reg: np.ndarray, rows_eval: np.ndarray,
+                    concepts: dict, n_folds: int, min_images: int) -> str | None:
+    """Why a class cannot be compared under group_by=predicted (None if it can): a model has no concepts
+    for it, or the models predict it too rarely on the regression or evaluation images (`group_floor`)."""
+    from rsvc_cli.stages.score import MIN_SCORED_PATCHES
+
+    for m in (1, 2):
+        if name in (concepts[m].skipped or {}):
+            return concepts[m].skipped[name]
+    n_images = len(np.unique(a1.image_row[rows_reg]))
+    floor = max(group_floor(a1, class_index, REGRESSION_SET, min_images), n_folds)
+    if n_images < floor:
+        return (f"the models predict it for {n_images} regression-set images (either model); the "
+                f"{n_folds}-fold regression needs at least {floor}")
+    # Without an evaluation set (regression.evaluation=crossval) there is nothing to check there.
+    if (a1.image_set == EVALUATION_SET).any():
+        n_images = len(np.unique(a1.image_row[rows_eval]))
+        floor = group_floor(a1, class_index, EVALUATION_SET, min_images)
+        if n_images < floor or len(rows_eval) < MIN_SCORED_PATCHES:
+            return (f"the models predict it for {n_images} evaluation-set images ({len(rows_eval)} patches, either "
+                    f"model); scoring needs at least {floor} images and {MIN_SCORED_PATCHES} patches")
+    return None
+
+
 def regressor_for(params: dict):
     from rsvc_cli.algorithms.regression import Lasso, LinearRegression, Ridge
 
@@ -162,17 +189,25 @@ def regress(pair: Pair, cfg) -> Path:
         if group_by == "predicted":
             predicted = [predicted_class_positions(m, pair.images, cfg) for m in (pair.model1, pair.model2)]
         # Per class: rows and true coefficients of both models on both sets.
-        per_class = {}
+        per_class, skipped = {}, {}
         # Per class: its concept coefficients, then one solve for each of the four directions.
         bar = console.progress(5 * len(a1.class_names), f"regress {pair.model1.label} vs {pair.model2.label}",
                                unit="step")
         for c, name in enumerate(a1.class_names):
             bar.update(1)
-            if name not in c1.concept_basis and c1.per_class:
-                bar.update(len(DIRECTIONS))
-                continue
             rows_reg = comparison_rows(a1, c, REGRESSION_SET, group_by, predicted)
             rows_eval = comparison_rows(a1, c, EVALUATION_SET, group_by, predicted)
+            if group_by == "predicted":
+                reason = rare_comparison(a1, c, name, rows_reg, rows_eval, concepts, int(params["n_folds"]),
+                                         int(cfg.dataset.min_images_per_set))
+                if reason:
+                    skipped[name] = reason
+                    console.say(f"[yellow]skipped[/yellow] class '{name}': {reason}")
+                    bar.update(len(DIRECTIONS))
+                    continue
+            elif name not in c1.concept_basis and c1.per_class:
+                bar.update(len(DIRECTIONS))
+                continue
             n_images = len(np.unique(a1.image_row[rows_reg]))
             if n_images < int(params["n_folds"]):
                 raise RsvcError(f"Class '{name}' has {n_images} regression-set images, fewer than the "
@@ -191,6 +226,13 @@ def regress(pair: Pair, cfg) -> Path:
             for m in (1, 2):
                 write_array(g, f"coefficients{m}_regression", true[m, "regression"].astype(np.float32), "patch,concept")
                 write_array(g, f"coefficients{m}_evaluation", true[m, "evaluation"].astype(np.float32), "patch,concept")
+        write_skipped(f, skipped)
+        if not per_class:
+            raise RsvcError("dataset.group_by=predicted leaves no class to compare: every class is predicted too "
+                            "rarely by one of the models (see the lines above).",
+                            "Raise dataset.images_per_class (or dataset.images_per_set), lower "
+                            "dataset.min_images_per_set or regression.n_folds, check model1/model2.output_classes, "
+                            "or use dataset.group_by=label.")
         # One batched cross-validated solve per direction and per group of equally sized classes.
         for direction, (predictor, owner) in DIRECTIONS.items():
             by_size: dict[tuple, list[str]] = {}
@@ -223,6 +265,7 @@ def regress(pair: Pair, cfg) -> Path:
 class RegressionResult:
     class_names: list[str]
     classes: dict  # name -> dict of arrays (see regress)
+    skipped: dict = None  # class -> why it was not compared (group_by=predicted)
 
 
 def read_regression(path: Path, content: dict) -> RegressionResult:
@@ -235,4 +278,4 @@ def read_regression(path: Path, content: dict) -> RegressionResult:
                 if sub is not None:
                     entry[direction] = {key: sub[key][()] for key in sub}
             classes[name] = entry
-        return RegressionResult(class_names=read_strings(f["class_names"]), classes=classes)
+        return RegressionResult(class_names=read_strings(f["class_names"]), classes=classes, skipped=read_skipped(f))
