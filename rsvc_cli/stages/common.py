@@ -259,6 +259,11 @@ def load_image_sets(dataset_cfg) -> ImageSets:
         raise RsvcError(f"dataset.split={list(split)} must be three non-negative weights (concept, regression, evaluation).",
                         "Use e.g. dataset.split=[1,2,2] (the authors' 100/200/200).")
     images_per_set = {k: v for k, v in (d.get("images_per_set") or {}).items() if v is not None}
+    if len(images_per_set) == 3 and d.get("images_per_class") is not None:
+        raise RsvcError(f"dataset.images_per_set gives every set its count, so dataset.images_per_class="
+                        f"{d['images_per_class']} would not be used.",
+                        "Set dataset.images_per_class=null to use dataset.images_per_set, or drop one of "
+                        "dataset.images_per_set's counts (null) to take that set's share of images_per_class.")
     min_images = d.get("min_images_per_set")
     if min_images is not None and (not isinstance(min_images, int) or min_images < 1):
         raise RsvcError(f"dataset.min_images_per_set={min_images} is not a number of images.",
@@ -308,6 +313,11 @@ def split_source(d: dict, primary):
                         "class-per-folder tree, so it has no held-out split to take evaluation images from.",
                         "Drop dataset.evaluation_root, or use dataset=imagefolder with dataset.root=TRAIN_DIR "
                         "dataset.evaluation_root=VAL_DIR.")
+    if os.path.realpath(d["evaluation_root"]) == os.path.realpath(primary.root):
+        raise RsvcError(f"dataset.evaluation_root is dataset.root ({primary.root}): evaluation images would be drawn "
+                        "again from the images that concepts and regressions are fitted on.",
+                        "Point dataset.evaluation_root at the held-out split (ImageNet val, CIFAR test), or set "
+                        "dataset.evaluation_root=null to draw all three sets, disjoint, from dataset.root.")
     return SplitSource(primary, d["evaluation_root"])
 
 

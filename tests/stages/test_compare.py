@@ -15,13 +15,15 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CHECKPOINTS, REPO_ROOT, compose
+from conftest import CHECKPOINTS, CIFAR_TEST, CIFAR_TRAIN, REPO_ROOT, compose
 from rsvc_cli.cli import normalize_overrides
 
 CLASSES = ("cat", "dog", "ship")
 N_CONCEPTS = 3
-# The cifar_r20_vs_r56 preset, shrunk: 3 classes of 15 images (3 concept, 6 regression, 6 evaluation).
-SMALL_CIFAR = ["experiment=cifar_r20_vs_r56", f"dataset.classes=[{','.join(CLASSES)}]", "dataset.images_per_class=15",
+# The cifar_r20_vs_r56 preset, shrunk: 3 classes of 15 images (3 concept and 6 regression training images, 6
+# test images), predicted groups of at least 2 images.
+SMALL_CIFAR = ["experiment=cifar_r20_vs_r56", f"dataset.classes=[{','.join(CLASSES)}]",
+               "dataset.images_per_set={concept:3,regression:6,evaluation:6}", "dataset.min_images_per_set=2",
                f"decomposition.n_concepts={N_CONCEPTS}", "decomposition.max_iter=100", "importance.steps=4",
                "importance.max_patches_per_class=4", "n_tiles=2"]
 # Pearson correlations, computed in float64, stored in float32.
@@ -38,6 +40,11 @@ def test_every_preset_composes():
 
 def test_rn18_vs_rn50_has_the_authors_settings():
     cfg = compose("compare", "experiment=rn18_vs_rn50")
+    # ImageNet's layout: train for concepts and regressions, val (50 images per class) for similarities,
+    # every set grouped by the models' predictions.
+    assert cfg.dataset.group_by == "predicted" and cfg.dataset.images_per_class is None
+    assert dict(cfg.dataset.images_per_set) == {"concept": 100, "regression": 200, "evaluation": 50}
+    assert (cfg.dataset.root, cfg.dataset.evaluation_root) == ("/path/to/imagenet/train", "/path/to/imagenet/val")
     assert (cfg.model1.name, cfg.model2.name) == ("resnet18.a2_in1k", "resnet50.a2_in1k")
     assert cfg.dataset.name == "imagefolder" and cfg.dataset.first_classes == 100
     assert (cfg.patch.size, cfg.patch.stride, cfg.patch.reference_size) == (64, 51, 224)
@@ -49,8 +56,9 @@ def test_vit_vs_resnet_compares_a_vit_s_with_resnet50():
     cfg = compose("compare", "experiment=vit_vs_resnet")
     assert cfg.model1.name.startswith("vit_small_patch16_224") and cfg.model2.name.startswith("resnet50")
     assert cfg.decomposition.method == "semi_nmf", "ViT tokens are signed"
-    # The paper's ViT layer: the CLS token after the final norm.
+    # The paper's ViT layer: the CLS token after the final norm; the same image sets as rn18_vs_rn50.
     assert (cfg.layer1, cfg.model1.token_reduce) == ("norm", "cls")
+    assert cfg.dataset.group_by == "predicted" and cfg.dataset.images_per_set.evaluation == 50
 
 
 def test_cifar_preset_paths_are_relative_to_the_repository_root(monkeypatch):
@@ -58,8 +66,10 @@ def test_cifar_preset_paths_are_relative_to_the_repository_root(monkeypatch):
     cfg = compose("compare", "experiment=cifar_r20_vs_r56")
     assert Path(cfg.model1.checkpoint).resolve() == CHECKPOINTS["cifar_resnet20"].resolve()
     assert Path(cfg.model2.checkpoint).resolve() == CHECKPOINTS["cifar_resnet56"].resolve()
-    assert (Path(cfg.dataset.root) / "cat").is_dir()
-    assert cfg.dataset.images_per_class == 500 and list(cfg.dataset.split) == [1, 2, 2]
+    assert Path(cfg.dataset.root).resolve() == CIFAR_TRAIN.resolve()
+    assert Path(cfg.dataset.evaluation_root).resolve() == CIFAR_TEST.resolve()
+    assert cfg.dataset.group_by == "predicted" and cfg.dataset.images_per_class is None
+    assert dict(cfg.dataset.images_per_set) == {"concept": 100, "regression": 200, "evaluation": 200}
 
 
 def test_a_layer_sweep_records_all_its_layers_in_one_pass():

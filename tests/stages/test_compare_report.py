@@ -6,15 +6,16 @@ import re
 
 import pytest
 
-from conftest import CHECKPOINTS, CIFAR_TEST, compose
+from conftest import CHECKPOINTS, CIFAR_TEST, CIFAR_TRAIN, compose
 from rsvc_cli.stages import compare
 
 
 @pytest.mark.slow
 def test_compare_cifar_cat_dog_report_has_every_concept(store, shared_dir, capsys):
     cfg = compose("compare", "experiment=cifar_r20_vs_r56", f"model1.checkpoint={CHECKPOINTS['cifar_resnet20']}",
-                  f"model2.checkpoint={CHECKPOINTS['cifar_resnet56']}", f"dataset.root={CIFAR_TEST}",
-                  "dataset.classes=[cat,dog]", "dataset.images_per_class=20", "decomposition.n_concepts=5",
+                  f"model2.checkpoint={CHECKPOINTS['cifar_resnet56']}", "dataset.classes=[cat,dog]",
+                  f"dataset.root={CIFAR_TRAIN}", f"dataset.evaluation_root={CIFAR_TEST}", "dataset.min_images_per_set=2",
+                  "dataset.images_per_set={concept:4,regression:8,evaluation:8}", "decomposition.n_concepts=5",
                   "importance.steps=8", "importance.max_patches_per_class=8", f"store={store}")
     result = compare.run(cfg)
     err = capsys.readouterr().err
