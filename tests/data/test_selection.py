@@ -166,3 +166,38 @@ def test_separate_evaluation_source_all_images_and_errors():
         select_image_sets_with_evaluation_source(labels, evaluation_labels, 15, seed=0)
     with pytest.raises(RsvcError, match="primary source"):
         select_image_sets_with_evaluation_source(_labels([9, 1]), evaluation_labels, None, seed=0)
+
+
+def test_each_set_its_own_count():
+    labels, evaluation_labels = _labels([40, 40]), _labels([50, 50], seed=1)
+    counts = {"concept": 10, "regression": 20, "evaluation": 50}
+    selection = select_image_sets(labels, None, seed=0, evaluation_labels=evaluation_labels, images_per_set=counts)
+    np.testing.assert_array_equal(selection.counts(), [[10, 20, 50], [10, 20, 50]])
+    assert not selection.notes
+    # A count left out takes its share of images_per_class; the others keep their draws.
+    shared = select_image_sets(labels, 25, seed=0, images_per_set={"evaluation": 3})
+    np.testing.assert_array_equal(shared.counts(), [[5, 10, 3], [5, 10, 3]])
+    with pytest.raises(RsvcError, match="not regression, evaluation"):
+        select_image_sets(labels, None, seed=0, images_per_set={"concept": 5})
+    with pytest.raises(RsvcError, match="concepts"):
+        select_image_sets(labels, 25, seed=0, images_per_set={"concepts": 5})
+    with pytest.raises(RsvcError, match="not a number"):
+        select_image_sets(labels, 25, seed=0, images_per_set={"concept": -1})
+
+
+def test_a_short_class_keeps_its_share_above_the_minimum_and_says_so():
+    labels = _labels([30, 12])
+    selection = select_image_sets(labels, 20, seed=0, class_names=["a", "b"], min_images=2)
+    np.testing.assert_array_equal(selection.counts(), [[4, 8, 8], [2, 5, 5]])
+    assert selection.notes == ("Class 1 ('b'): 12 images, fewer than the 20 asked: using 2 concept / 5 regression "
+                               "/ 5 evaluation",)
+    # Below the minimum (or without one, as before) it is an error naming the class and both settings.
+    with pytest.raises(RsvcError, match="below the minimum") as error:
+        select_image_sets(labels, 20, seed=0, class_names=["a", "b"], min_images=3)
+    assert "dataset.min_images_per_set" in error.value.fix and "Class 1 ('b')" in error.value.problem
+    with pytest.raises(RsvcError, match="fewer than dataset.images_per_class=20"):
+        select_image_sets(labels, 20, seed=0, class_names=["a", "b"])
+    # The evaluation source is short on its own: the primary draw is as asked.
+    short = select_image_sets(labels, 20, seed=0, evaluation_labels=_labels([8, 2]), min_images=2)
+    np.testing.assert_array_equal(short.counts(), [[4, 8, 8], [4, 8, 2]])
+    assert short.notes == ("Class 1 in the evaluation source: 2 images, fewer than the 8 asked: using 2 evaluation",)
