@@ -59,8 +59,8 @@ def _paths(images, image_set):
 def test_evaluation_images_come_from_evaluation_root_and_never_overlap(shared_dir, capfd):
     from rsvc_cli.stages.common import load_image_sets
 
-    sets = ["dataset.classes=[cat,ship]", "dataset.images_per_set.concept=4", "dataset.images_per_set.regression=6",
-            "dataset.images_per_set.evaluation=5"]
+    sets = ["dataset.classes=[cat,ship]", "dataset.images_per_class=null", "dataset.images_per_set.concept=4",
+            "dataset.images_per_set.regression=6", "dataset.images_per_set.evaluation=5"]
     images = load_image_sets(compose("extract", *SPLIT, *sets).dataset)
     concept, regression, evaluation = (_paths(images, s) for s in range(3))
     assert (len(concept), len(regression), len(evaluation)) == (8, 12, 10)
@@ -86,12 +86,20 @@ def test_evaluation_images_come_from_evaluation_root_and_never_overlap(shared_di
                                 "dataset.min_images_per_set=1100").dataset)
 
 
-def test_evaluation_root_needs_a_folder_tree():
+def test_image_set_settings_that_cannot_apply_are_errors(shared_dir):
     from rsvc_cli.stages.common import load_image_sets
 
+    def load(*overrides):
+        return load_image_sets(compose("extract", *overrides).dataset)
+
     with pytest.raises(RsvcError, match="not a class-per-folder tree") as error:
-        load_image_sets(compose("extract", "dataset=synthetic", f"dataset.evaluation_root={CIFAR_TEST}").dataset)
+        load("dataset=synthetic", f"dataset.evaluation_root={CIFAR_TEST}")
     assert "dataset.evaluation_root" in error.value.fix
+    with pytest.raises(RsvcError, match="evaluation_root is dataset.root"):
+        load("dataset=cifar10", f"dataset.root={CIFAR_TEST}", f"dataset.evaluation_root={CIFAR_TEST}/")
+    with pytest.raises(RsvcError, match="images_per_class=500 would not be used") as error:
+        load(*SPLIT, "dataset.images_per_set={concept:1,regression:2,evaluation:3}")
+    assert "dataset.images_per_class=null" in error.value.fix
 
 
 @pytest.mark.subprocess
@@ -123,7 +131,8 @@ def test_paper_protocol_on_a_train_and_a_test_split(store, shared_dir):
     from rsvc_cli.stages.decompose import CONCEPT_SET, EVALUATION_SET, REGRESSION_SET, read_activations
     from rsvc_cli.stages.regress import prepare_pair, read_regression, regress, regression_content, regression_params
 
-    cfg = compose("regress", *SPLIT, "dataset.classes=[cat,dog]", "dataset.images_per_set.concept=4",
+    cfg = compose("regress", *SPLIT, "dataset.classes=[cat,dog]", "dataset.images_per_class=null",
+                  "dataset.images_per_set.concept=4",
                   "dataset.images_per_set.regression=6", "dataset.images_per_set.evaluation=10",
                   "dataset.min_images_per_set=2", "dataset.group_by=predicted", "model1=cifar_resnet20",
                   "model2=cifar_resnet56", f"model1.checkpoint={R20}", f"model2.checkpoint={R56}",
