@@ -59,8 +59,8 @@ class DatasetConfig:
     # A set's own count per class (e.g. evaluation: 50, all ImageNet val has), instead of its share above.
     images_per_set: ImagesPerSetConfig = field(default_factory=ImagesPerSetConfig)
     # A class with fewer images than asked keeps each set's share of what it has, with a console note,
-    # as long as every set gets at least this many (all it asked, if that is fewer); else an error. Under
-    # group_by=predicted a class whose predicted groups fall below the same floor is skipped.
+    # as long as every set keeps at least this many (half of what it asked, if that is fewer); else an
+    # error. Under group_by=predicted a class whose predicted groups fall below the same floor is skipped.
     min_images_per_set: int = 10
     seed: int = 0
     # label: every set grouped by the images' folder. predicted (the paper's protocol): the images of

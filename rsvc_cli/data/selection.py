@@ -215,15 +215,22 @@ def requested_sizes(images_per_class: int | None, split: Sequence[float] = (1, 2
     return sizes
 
 
+def set_floor(asked, min_images: int):
+    """The fewest images a set may keep when a class has fewer than asked (or, grouped by prediction, when
+    a model predicts the class for fewer): ``min_images``, or half of what the set asked if that is fewer
+    (at least 1). Works elementwise on arrays."""
+    half = np.maximum(1, (np.asarray(asked) + 1) // 2)
+    return np.minimum(half, min_images)
+
+
 def _sizes_of_class(available: int, asked: np.ndarray | None, ratios: np.ndarray, part: Sequence[int],
                     min_images: int | None, describe) -> tuple[np.ndarray, str | None]:
     """How many of a class's ``available`` images each set of ``part`` gets, (3,) with zeros elsewhere,
     and a note when fewer than asked.
 
     asked : (3,) the counts asked (zeros outside ``part``), or None for every image split by ``ratios``.
-    min_images : the fewest images a set may have when the class has fewer than asked (a set asked for
-        fewer needs all it asked); None = every set needs all it asked. ``describe(kind, detail)`` makes
-        the error.
+    min_images : with fewer images than asked, each set keeps at least ``set_floor(asked, min_images)``;
+        None = every set needs all it asked. ``describe(kind, detail)`` makes the error.
     """
     in_part = np.zeros(len(SET_NAMES), bool)
     in_part[list(part)] = True
@@ -240,7 +247,7 @@ def _sizes_of_class(available: int, asked: np.ndarray | None, ratios: np.ndarray
         raise describe("asked", None)
     # Fewer than asked: every set keeps its share of what there is, down to the stated minimum.
     sizes = split_sizes(available, asked)
-    floor = np.minimum(asked, min_images)
+    floor = np.where(asked > 0, set_floor(asked, min_images), 0)
     if np.any(sizes < floor):
         raise describe("minimum", floor)
     kept = " / ".join(f"{sizes[s]} {SET_NAMES[s]}" for s in part)
@@ -268,8 +275,8 @@ def select_image_sets(
         evaluation set (rows with ``source`` 1); concept and regression images then come from ``labels``.
         With every image asked for, every evaluation-source image is evaluated.
     min_images : a class with fewer images than asked keeps every set's share of what it has if each set
-        gets at least this many (or all it asked, if fewer), with a note in ``ImageSelection.notes``;
-        None = too few images is an error.
+        keeps at least this many (or half of what it asked, if fewer: ``set_floor``), with a note in
+        ``ImageSelection.notes``; None = too few images is an error.
     class_names : only to name classes in errors and notes.
 
     Each class (and each source) draws from its own stream seeded by (seed, class), (seed, class, 1) for
@@ -341,7 +348,8 @@ def _describe_too_few(label, class_names, available, where, asked, images_per_cl
             lower = "Lower dataset.images_per_set"
         if kind == "minimum":
             floors = " / ".join(f"{detail[s]} {SET_NAMES[s]}" for s in range(len(SET_NAMES)) if asked[s] > 0)
-            problem += f", and its share would leave a set below the minimum ({floors}; dataset.min_images_per_set={min_images})"
+            problem += (f", and its share would leave a set below the minimum ({floors}; "
+                        f"dataset.min_images_per_set={min_images})")
         return RsvcError(
             problem=problem + ".",
             fix=(f"{lower}, lower dataset.min_images_per_set to use what the class has, add images of that class, "

@@ -8,7 +8,7 @@ Coefficients of any other patches are computed later against the stored basis (N
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -166,18 +166,19 @@ def report_unconverged(fitted: dict[str, dict], params: dict) -> None:
 
 
 def group_floor(acts: Activations, class_index: int, image_set: int, min_images: int) -> int:
-    """The fewest images a predicted group of a class may have: dataset.min_images_per_set, or every image
-    the class was asked for in that set if fewer (its label count there)."""
+    """The fewest images a predicted group of a class may have (`selection.set_floor`):
+    dataset.min_images_per_set, or half of the images the class was drawn in that set (its label count
+    there) if fewer."""
+    from rsvc_cli.data.selection import set_floor
+
     asked = len(np.unique(acts.image_row[(acts.image_set == image_set) & (acts.label == class_index)]))
-    return max(1, min(asked, min_images))
+    return int(set_floor(asked, min_images))
 
 
 def rare_predicted_classes(acts: Activations, predicted_of_image: np.ndarray, n_concepts: int, min_images: int,
                            model_label: str) -> dict[str, str]:
     """Under group_by=predicted: the classes a model predicts too rarely on the concept images to fit
     concepts on (fewer images than the floor, or fewer patches than concepts), each with why."""
-    from rsvc_cli import console
-
     concept_rows = acts.image_set == CONCEPT_SET
     classes = predicted_of_image[acts.image_row]
     skipped = {}
@@ -311,7 +312,7 @@ class Concepts:
     method: str
     concept_basis: dict[str, np.ndarray]
     mean: dict[str, np.ndarray]  # PCA only: the centre of the fitted activations
-    skipped: dict[str, str] = None  # class -> why it has no concepts (group_by=predicted)
+    skipped: dict[str, str] = field(default_factory=dict)  # class -> why it has no concepts (group_by=predicted)
 
     def basis_of(self, name: str) -> np.ndarray:
         return self.concept_basis[name if self.per_class else ALL_CLASSES]

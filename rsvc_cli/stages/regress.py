@@ -136,7 +136,7 @@ def rare_comparison(a1: Activations, class_index: int, name: str, rows_reg: np.n
     from rsvc_cli.stages.score import MIN_SCORED_PATCHES
 
     for m in (1, 2):
-        if name in (concepts[m].skipped or {}):
+        if name in concepts[m].skipped:
             return concepts[m].skipped[name]
     n_images = len(np.unique(a1.image_row[rows_reg]))
     floor = max(group_floor(a1, class_index, REGRESSION_SET, min_images), n_folds)

@@ -44,7 +44,8 @@ def ensure_trained(model_cfg, run_cfg) -> tuple[Path, dict]:
         # Training uses every drawn image, so a held-out split there would be trained on.
         raise RsvcError("model.train.dataset.evaluation_root is set, but training uses every image it draws, so the "
                         "held-out split would be trained on.",
-                        "Drop model.train.dataset.evaluation_root; set the comparison's dataset.evaluation_root instead.")
+                        "Drop model.train.dataset.evaluation_root; set the comparison's dataset.evaluation_root "
+                        "instead.")
     base = load_untrained_model(model_cfg, init_seed=int(model_cfg.train.seed))
     images = load_image_sets(model_cfg.train.dataset)
     content = train_content(model_cfg, base.identity, images.identity)

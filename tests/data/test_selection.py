@@ -192,8 +192,10 @@ def test_a_short_class_keeps_its_share_above_the_minimum_and_says_so():
     assert selection.notes == ("Class 1 ('b'): 12 images, fewer than the 20 asked: using 2 concept / 5 regression "
                                "/ 5 evaluation",)
     # Below the minimum (or without one, as before) it is an error naming the class and both settings.
+    # Each set keeps min_images, or half of what it asked if fewer: 5 images give 1 / 2 / 2 of 4 / 8 / 8.
+    assert len(select_image_sets(_labels([30, 5]), 20, seed=0, min_images=1).notes) == 1
     with pytest.raises(RsvcError, match="below the minimum") as error:
-        select_image_sets(labels, 20, seed=0, class_names=["a", "b"], min_images=3)
+        select_image_sets(_labels([30, 5]), 20, seed=0, class_names=["a", "b"], min_images=2)
     assert "dataset.min_images_per_set" in error.value.fix and "Class 1 ('b')" in error.value.problem
     with pytest.raises(RsvcError, match="fewer than dataset.images_per_class=20"):
         select_image_sets(labels, 20, seed=0, class_names=["a", "b"])

@@ -81,8 +81,8 @@ def test_evaluation_images_come_from_evaluation_root_and_never_overlap(shared_di
                                     "dataset.images_per_set.evaluation=1200").dataset)
     assert len(_paths(short, 2)) == 1000
     assert "1000 images, fewer than the 1200 asked: using 1000 evaluation" in capfd.readouterr().err
-    with pytest.raises(RsvcError, match="fewer than the 1200 asked"):
-        load_image_sets(compose("extract", *SPLIT, "dataset.classes=[cat]", "dataset.images_per_set.evaluation=1200",
+    with pytest.raises(RsvcError, match="fewer than the 5000 asked.*below the minimum"):
+        load_image_sets(compose("extract", *SPLIT, "dataset.classes=[cat]", "dataset.images_per_set.evaluation=5000",
                                 "dataset.min_images_per_set=1100").dataset)
 
 
@@ -113,7 +113,8 @@ def test_class_missing_from_evaluation_root_stops_the_cli_with_a_fix(tmp_path, s
     store = tmp_path / "store"
     r = subprocess.run(["rsvc", "extract", *SPLIT[:2], f"dataset.evaluation_root={evaluation_root}",
                         "dataset.classes=[cat,ship]", "dataset.images_per_class=10", f"store={store}"],
-                       cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert "ship" in r.stderr and "dataset.evaluation_root" in r.stderr and "dataset.classes" in r.stderr
