@@ -149,7 +149,10 @@ def decompose(model: ModelHandle, images: ImageSets, cfg, layer: str, activation
         report_unconverged(fitted, params)
 
     prefix = f"{model.label}-{layer}-{params['method']}{params['n_concepts']}"
-    return produce(store_dir(cfg), "concepts", prefix, content, write, seeds={"decomposition.seed": params["seed"]})
+    path = produce(store_dir(cfg), "concepts", prefix, content, write, seeds={"decomposition.seed": params["seed"]})
+    with open_artifact(path, "concepts", content) as f:
+        say_skipped(read_skipped(f))  # made now or reused: the run says which classes it leaves out
+    return path
 
 
 def report_unconverged(fitted: dict[str, dict], params: dict) -> None:
@@ -188,14 +191,19 @@ def rare_predicted_classes(acts: Activations, predicted_of_image: np.ndarray, n_
         if n_images < floor or len(rows) < n_concepts:
             skipped[name] = (f"{model_label} predicts it for {n_images} concept-set images ({len(rows)} patches); "
                              f"its concepts need at least {floor} images and {n_concepts} patches")
-            console.say(f"[yellow]skipped[/yellow] class '{name}': {skipped[name]}")
     if len(skipped) == len(acts.class_names):
+        say_skipped(skipped)
         raise RsvcError(f"dataset.group_by=predicted leaves no class to fit {model_label}'s concepts on: it predicts "
                         "each compared class too rarely on the concept images (see the lines above).",
                         "Raise dataset.images_per_class (or dataset.images_per_set.concept), lower "
                         "dataset.min_images_per_set or decomposition.n_concepts, check that model.output_classes "
                         "names the model's outputs, or use dataset.group_by=label.")
     return skipped
+
+
+def say_skipped(skipped: dict[str, str]) -> None:
+    for name, reason in skipped.items():
+        console.say(f"[yellow]skipped[/yellow] class '{name}': {reason}")
 
 
 def write_skipped(f, skipped: dict[str, str]) -> None:

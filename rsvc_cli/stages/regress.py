@@ -44,6 +44,7 @@ from rsvc_cli.stages.decompose import (
     read_activations,
     read_concepts,
     read_skipped,
+    say_skipped,
     write_skipped,
 )
 
@@ -202,7 +203,6 @@ def regress(pair: Pair, cfg) -> Path:
                                          int(cfg.dataset.min_images_per_set))
                 if reason:
                     skipped[name] = reason
-                    console.say(f"[yellow]skipped[/yellow] class '{name}': {reason}")
                     bar.update(len(DIRECTIONS))
                     continue
             elif name not in c1.concept_basis and c1.per_class:
@@ -228,6 +228,7 @@ def regress(pair: Pair, cfg) -> Path:
                 write_array(g, f"coefficients{m}_evaluation", true[m, "evaluation"].astype(np.float32), "patch,concept")
         write_skipped(f, skipped)
         if not per_class:
+            say_skipped(skipped)
             raise RsvcError("dataset.group_by=predicted leaves no class to compare: every class is predicted too "
                             "rarely by one of the models (see the lines above).",
                             "Raise dataset.images_per_class (or dataset.images_per_set), lower "
@@ -258,7 +259,12 @@ def regress(pair: Pair, cfg) -> Path:
         bar.close()
 
     prefix = f"{pair.model1.label}-{pair.layer1}-vs-{pair.model2.label}-{pair.layer2}-{params['method']}"
-    return produce(store_dir(cfg), "regression", prefix, content, write, seeds={"regression.seed": params["seed"]})
+    path = produce(store_dir(cfg), "regression", prefix, content, write, seeds={"regression.seed": params["seed"]})
+    with open_artifact(path, "regression", content) as f:
+        # Those without concepts were said by decompose, once per model.
+        concepts_skipped = set(read_concepts(*pair.concepts1).skipped) | set(read_concepts(*pair.concepts2).skipped)
+        say_skipped({name: reason for name, reason in read_skipped(f).items() if name not in concepts_skipped})
+    return path
 
 
 @dataclass

@@ -19,7 +19,7 @@ PREDICTED = ["dataset=cifar10", f"dataset.root={CIFAR_TEST}", "dataset.classes=[
              "decomposition.n_concepts=3", "regression.n_folds=2", "importance.enabled=false"]
 
 
-def test_class_one_model_never_predicts_is_skipped_and_recorded(store, shared_dir):
+def test_class_one_model_never_predicts_is_skipped_and_recorded(store, shared_dir, capfd):
     """It used to stop with a KeyError traceback (only model 1's concepts were looked up)."""
     import h5py
 
@@ -27,8 +27,13 @@ def test_class_one_model_never_predicts_is_skipped_and_recorded(store, shared_di
     from rsvc_cli.stages.regress import prepare_pair, read_regression, regress, regression_content, regression_params
 
     cfg = compose("regress", *PREDICTED, NO_CAT, f"store={store}")
-    pair = prepare_pair(cfg)
-    path = regress(pair, cfg)
+    for run in ("made", "reused"):
+        capfd.readouterr()
+        pair = prepare_pair(cfg)
+        path = regress(pair, cfg)
+        lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("skipped")]
+        assert lines == ["skipped class 'cat': cifar_resnet20 predicts it for 0 concept-set images (0 patches); its "
+                         "concepts need at least 2 images and 3 patches"], (run, lines)
     result = read_regression(path, regression_content(pair, regression_params(cfg), "predicted"))
     assert list(result.classes) == ["ship"]
     assert list(result.skipped) == ["cat"] and "0 concept-set images" in result.skipped["cat"]
