@@ -288,6 +288,7 @@ def select_image_sets(
     asked = requested_sizes(images_per_class, split, images_per_set)
     if asked is None:
         _check_images_per_class(images_per_class, int(np.sum(ratios > 0)))
+    images_per_set = images_per_set or None
     if separate and (ratios[EVALUATION] <= 0 if asked is None else asked[EVALUATION] <= 0):
         raise RsvcError(
             problem="The evaluation set is asked for no images although dataset.evaluation_root gives them.",
@@ -339,21 +340,23 @@ def _describe_too_few(label, class_names, available, where, asked, images_per_cl
                 fix="Add images of that class, or leave the class out of dataset.classes.",
             )
         wanted = " / ".join(f"{asked[s]} {SET_NAMES[s]}" for s in range(len(SET_NAMES)) if asked[s] > 0)
-        if images_per_set is None:
+        if not images_per_set:
             problem = f"{name} has {available} images{where}, fewer than dataset.images_per_class={images_per_class}"
             largest = available if smallest_class is None else smallest_class
             lower = f"Lower dataset.images_per_class to at most {largest}"
         else:
             problem = f"{name} has {available} images{where}, fewer than the {int(asked.sum())} asked ({wanted})"
             lower = "Lower dataset.images_per_set"
+        minimum = ""
         if kind == "minimum":
             floors = " / ".join(f"{detail[s]} {SET_NAMES[s]}" for s in range(len(SET_NAMES)) if asked[s] > 0)
             problem += (f", and its share would leave a set below the minimum ({floors}; "
                         f"dataset.min_images_per_set={min_images})")
+            minimum = "lower dataset.min_images_per_set to use what the class has, "
         return RsvcError(
             problem=problem + ".",
-            fix=(f"{lower}, lower dataset.min_images_per_set to use what the class has, add images of that class, "
-                 "or leave it out of dataset.classes (set dataset.images_per_class=null to use every image)."),
+            fix=(f"{lower}, {minimum}add images of that class, or leave it out of dataset.classes "
+                 "(set dataset.images_per_class=null to use every image)."),
         )
 
     return describe
