@@ -116,6 +116,10 @@ def dataset_provenance(images, dataset_cfg) -> dict:
              "images_per_set": images_per_set(images), "seed": d.get("seed"),
              # What was asked for; images_per_set is what the selection gave.
              "requested": {k: d.get(k) for k in ("images_per_class", "split", "first_classes") if d.get(k) is not None}}
+    counts = {name: n for name, n in (d.get("images_per_set") or {}).items() if n is not None}
+    if counts:
+        entry["requested"]["images_per_set"] = counts
+    entry["requested"]["min_images_per_set"] = d.get("min_images_per_set")
     # Every root the images come from, absolute: image paths then resolve from any folder.
     for key, value in d.items():
         if key.endswith("root") and value:

@@ -19,6 +19,7 @@ PREDICTED = ["dataset=cifar10", f"dataset.root={CIFAR_TEST}", "dataset.classes=[
              "decomposition.n_concepts=3", "regression.n_folds=2", "importance.enabled=false"]
 
 
+@pytest.mark.slow
 def test_class_one_model_never_predicts_is_skipped_and_recorded(store, shared_dir, capfd):
     """It used to stop with a KeyError traceback (only model 1's concepts were looked up)."""
     import h5py
