@@ -99,6 +99,9 @@ class ModelConfig:
     """A model: a built-in or timm name, or a torch module by import path, plus weights."""
 
     name: str = "cifar_resnet20"
+    # What charts, cards and console lines call the model (display only: artifact keys keep `name`);
+    # null: derived from the name, and from the checkpoint file when both models of a pair share it.
+    label: Optional[str] = None
     pretrained: bool = False
     checkpoint: Optional[str] = None
     # Import path "pkg.module.Class" (or "pkg.module:function") called with `kwargs`.

@@ -57,8 +57,18 @@ def original_image(images, image_index: int, square_box=None):
     return image
 
 
+def image_name(images, image_index: int) -> str:
+    """How the report names an image: its class folder and file where it has one, and its index."""
+    paths = getattr(images.source, "paths", None)
+    if paths is not None and 0 <= int(image_index) < len(paths):
+        path = Path(str(paths[int(image_index)]))
+        return f"{path.parent.name}/{path.name} (image {int(image_index)})"
+    return f"image {int(image_index)}"
+
+
 def collage(pair, cfg, result: dict) -> dict:
-    """Write every concept's grids (and heatmap of its best image); return {(class, owner, k): {kind: rel path}}."""
+    """Write every concept's grids (and heatmap of its best image); return {(class, owner, k): {kind: rel path}},
+    plus "heatmap_image" (the heatmap's image, named) and "heatmap_max" (the coefficient at the top of its scale)."""
     out = comparison_dir(cfg, result)
     reg_content = regression_content(pair, regression_params(cfg), str(cfg.dataset.group_by))
     reg = read_regression(result["regression_path"], reg_content)
@@ -73,6 +83,7 @@ def collage(pair, cfg, result: dict) -> dict:
             cache[index] = original_image(pair.images, index, square_of_image.get(index))
         return cache[index]
 
+    labels = result.get("labels") or {}
     written = {}
     n_total = sum(2 * reg.classes[name]["coefficients1_evaluation"].shape[1] for name in reg.classes)
     bar = console.progress(n_total, "collages", unit="concept")
@@ -85,11 +96,12 @@ def collage(pair, cfg, result: dict) -> dict:
                 true = entry[f"coefficients{owner}_evaluation"]
                 predicted = entry[CROSS[owner]]["evaluation_prediction"]
                 for k in range(true.shape[1]):
-                    title = (f"{name} · model{owner} concept {k} · {CROSS[owner]} "
+                    title = (f"{name} · {labels.get(f'model{owner}', f'model{owner}')} concept {k} · {CROSS[owner]} "
                              f"{_fmt(similarity[CROSS[owner]][k])} (self {_fmt(similarity[f'{owner}->{owner}'][k])})")
                     folder = Path("collages") / _slug(name)
                     written[(name, f"model{owner}", k)] = _write_concept(
-                        saver, out, folder / f"model{owner}_concept{k}", get_image, boxes, image_index,
+                        saver, out, folder / f"model{owner}_concept{k}", get_image,
+                        lambda index: image_name(pair.images, index), boxes, image_index,
                         true[:, k], predicted[:, k], title, int(cfg.n_tiles))
                     bar.update(1)
     bar.close()
@@ -97,7 +109,7 @@ def collage(pair, cfg, result: dict) -> dict:
     return written
 
 
-def _write_concept(saver, out: Path, stem: Path, get_image, boxes, image_index, true, predicted, title: str,
+def _write_concept(saver, out: Path, stem: Path, get_image, name_image, boxes, image_index, true, predicted, title: str,
                    n_tiles: int) -> dict[str, str]:
     """One concept's grids and the heatmap of its best image, as PNGs `<out>/<stem>_<kind>.png`;
     returns {kind: path relative to out}."""
@@ -105,11 +117,15 @@ def _write_concept(saver, out: Path, stem: Path, get_image, boxes, image_index, 
 
     (out / stem).parent.mkdir(parents=True, exist_ok=True)
     images = make_concept_collages(get_image, boxes, image_index, true, predicted, title, n_tiles=n_tiles)
+    paths = {}
     if len(true):
         best = int(image_index[int(np.nanargmax(np.where(np.isfinite(true), true, -np.inf)))])
         on_best = image_index == best
-        images["heatmap"] = concept_heatmap(get_image(best), boxes[on_best], true[on_best])
-    paths = {}
+        # The scale's top is the best patch's coefficient, so the report can draw the colour bar.
+        top = float(np.nanmax(true[on_best]))
+        images["heatmap"] = concept_heatmap(get_image(best), boxes[on_best], true[on_best], vmax=top)
+        paths["heatmap_image"] = name_image(best)
+        paths["heatmap_max"] = top
     for kind, image in images.items():
         rel = stem.parent / f"{stem.name}_{kind}.png"
         saver.save(image, out / rel)

@@ -74,10 +74,12 @@ class Pair:
 def prepare_pair(cfg, times: StageTimes | None = None) -> Pair:
     """Load both models and make sure their activations and concepts are in the store (`times`: the wall
     time of loading (or training) the models, extraction and decomposition)."""
+    from rsvc_cli.stages.naming import model_labels
     from rsvc_cli.stages.provenance import check_weights
 
     times = times or StageTimes()
     check_weights(cfg)  # random weights only when asked for, before any work
+    model_labels(cfg)  # two models labelled alike are refused before any work too
     with times.stage("load or train models"):
         model1, model2 = load_model(cfg.model1, cfg), load_model(cfg.model2, cfg)
         images = load_image_sets(cfg.dataset)

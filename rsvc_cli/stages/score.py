@@ -29,6 +29,7 @@ from rsvc_cli.store.artifact import open_artifact, read_strings, write_array
 from rsvc_cli.store.keys import REVISIONS, stage_content
 from rsvc_cli.stages.common import produce, resolve_device, store_dir
 from rsvc_cli.stages.decompose import read_activations
+from rsvc_cli.stages.naming import direction_text, model_labels
 from rsvc_cli.stages.provenance import write_provenance
 from rsvc_cli.stages.regress import DIRECTIONS, direction_group, prepare_pair, read_regression, regress, regression_content, regression_params
 
@@ -131,6 +132,7 @@ def score(pair, cfg, regression_path: Path) -> dict:
     if pair.images.planting is not None:
         result["square_content"] = square_content(pair, reg_content, regression_path, int(cfg.n_tiles))
     result["pair"] = {"model1": pair.model1.label, "model2": pair.model2.label, "layer1": pair.layer1, "layer2": pair.layer2}
+    result["labels"] = model_labels(cfg)  # display only, never in a key
     table_path = write_results_table(path.with_suffix(".csv"), result)
     print_summary(result)
     console.say(f"results table: {table_path}")
@@ -262,7 +264,8 @@ def summary_numbers(result: dict) -> dict:
 
 def print_summary(result: dict, n_lowest: int = 12) -> None:
     pair = result.get("pair", {})
-    title = f"{pair.get('model1')} {pair.get('layer1')} (model 1) vs {pair.get('model2')} {pair.get('layer2')} (model 2)"
+    labels = result.get("labels") or {key: pair.get(key) for key in ("model1", "model2")}
+    title = f"{labels['model1']} {pair.get('layer1')} (model 1) vs {labels['model2']} {pair.get('layer2')} (model 2)"
     console.table(f"per class: {title}", ["class", "2->1", "1->1", "1->2", "2->2", "unpredictable 2->1/1->2",
                                           "mean max corr", "CKA"],
                   [(name, _nanmean(c["similarity"]["2->1"]), _nanmean(c["similarity"]["1->1"]),
@@ -270,14 +273,15 @@ def print_summary(result: dict, n_lowest: int = 12) -> None:
                     f"{int(c['unpredictable']['2->1'].sum())}/{int(c['unpredictable']['1->2'].sum())}",
                     (c["mean_max_correlation_1"] + c["mean_max_correlation_2"]) / 2, c["cka"])
                    for name, c in result["classes"].items()],
-                  caption="Mean Pearson over concepts (an unpredictable concept counts as 0). \"2->1\": model 2 "
-                          "predicts model 1's concepts; 1->1, 2->2: self baselines.")
+                  caption=f"Mean Pearson over concepts (an unpredictable concept counts as 0). \"2->1\": "
+                          f"{direction_text(labels, '2->1')}; 1->1, 2->2: self baselines.")
     rows = lowest_first(result_rows(result))
     squares = result.get("square_content")
     columns = ["class", "concept of", "k", "direction", "similarity", "unpredictable", "self"] + (["square content"] if squares else [])
     console.table("lowest-similarity concepts (the most model-specific)", columns,
-                  [(r["class"], r["owner"], r["concept"], r["direction"], r["similarity"], "yes" if r["unpredictable"] else "",
-                    r["self_similarity"], *([squares.get((r["class"], r["owner"], r["concept"]))] if squares else []))
+                  [(r["class"], f"{labels[r['owner']]} ({r['owner']})", r["concept"], r["direction"], r["similarity"],
+                    "yes" if r["unpredictable"] else "", r["self_similarity"],
+                    *([squares.get((r["class"], r["owner"], r["concept"]))] if squares else []))
                    for r in rows[:n_lowest]],
                   caption="unpredictable: the other model's features predict a constant (the lasso kept no weight); "
                           "similarity 0.")

@@ -10,13 +10,17 @@ The report dict (JSON-able)::
     {"title": str, "subtitle": str, "meta": {key: value},
      "banner": str or None (a warning shown at the top of every page, e.g. random weights),
      "provenance": {key: text} (what made the numbers, shown as its own block),
-     "models": {"model1": "cifar_resnet20 layer3", "model2": "..."},
+     "models": {"model1": "cifar_resnet20 · layer3", "model2": "..."},
+     "labels": {"model1": "cifar_resnet20", "model2": "..."} (what the models are called; default model1/model2),
      "classes": [{"name": "cat", "plots": ["rel/path.svg", ...],
                   "concepts": [{"owner": "model1", "concept": 0, "direction": "2->1",
-                                "similarity": 0.71, "self_similarity": 0.95, "reverse_similarity": None,
-                                "importance": 0.3, "square_content": None,
+                                "similarity": 0.71, "self_similarity": 0.95,
+                                "best_match": {"owner": "model2", "concept": 4, "correlation": 0.62} or None,
+                                "importance": 0.3,
+                                "square_content": 0.9 (the key only where squares were planted),
                                 "collages": {"top": "rel.png", "over": "rel.png", "under": "rel.png"},
-                                "heatmap": "rel.png"}, ...]}, ...],
+                                "heatmap": "rel.png", "heatmap_image": "cat/0001.png (image 7)",
+                                "heatmap_max": 2.3}, ...]}, ...],
      "layer_heatmaps": ["rel.png", ...]}
 
 Undefined numbers (None, NaN) are shown as "—" and always sort last. With 100 classes x 20 concept
@@ -119,6 +123,13 @@ figcaption b { color: var(--ink); }
 .missing { display: inline-block; padding: 18px; background: var(--soft); color: var(--muted);
            border: 1px dashed var(--line); font-size: 12px; }
 details.all-classes { margin-top: 30px; }
+#how-to-read summary { cursor: pointer; }
+#how-to-read summary h2 { display: inline; }
+dl.glossary { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 8px 0; max-width: 1100px; }
+dl.glossary dt { font-weight: 600; }
+dl.glossary dd { margin: 0; color: var(--muted); }
+.colourbar { display: flex; align-items: center; gap: 6px; font-size: 12px; color: var(--muted); margin-top: 4px; }
+.colourbar .ramp { display: inline-block; width: 140px; height: 10px; border: 1px solid var(--line); }
 """
 
 # Sorting and filtering for every table.concepts. Undefined cells (empty data-sort) sort last in
@@ -226,10 +237,17 @@ def _self_direction(direction: str) -> str:
     return f"{parts[-1]}->{parts[-1]}" if len(parts) == 2 else "self"
 
 
-def _predictor(direction: str) -> str:
-    """"2->1" -> "model2": the model whose activations predict the concept."""
+def _predictor(direction: str, labels: Mapping | None = None) -> str:
+    """"2->1" -> "model2" (or its label): the model whose activations predict the concept."""
     parts = str(direction).split("->")
-    return f"model{parts[0]}" if len(parts) == 2 and parts[0] else "the other model"
+    if not (len(parts) == 2 and parts[0]):
+        return "the other model"
+    return _model_name(f"model{parts[0]}", labels)
+
+
+def _model_name(owner: str, labels: Mapping | None) -> str:
+    """What the report calls ``owner`` ("model1"): its label where given, else the key itself."""
+    return str((labels or {}).get(owner) or owner)
 
 
 class _Images:
@@ -331,11 +349,19 @@ class _ConceptEntry:
         )
 
 
-def _concept_label(concept: Mapping) -> str:
-    return f"{concept.get('owner', '?')} · concept {concept.get('concept', '?')} · {concept.get('direction', '?')}"
+def _concept_label(concept: Mapping, labels: Mapping | None = None) -> str:
+    owner = _model_name(str(concept.get("owner", "?")), labels)
+    return f"{owner} · concept {concept.get('concept', '?')} · {concept.get('direction', '?')}"
 
 
-def _overview_table(entries: Sequence[_ConceptEntry], table_id: str, on_class_page: bool) -> str:
+def _number_columns(entries: Sequence[_ConceptEntry]):
+    """The numeric columns worth showing: square content only where some concept has it (planted squares)."""
+    planted = any("square_content" in entry.concept for entry in entries)
+    return [column for column in _NUMBER_COLUMNS if column[0] != "square_content" or planted]
+
+
+def _overview_table(entries: Sequence[_ConceptEntry], table_id: str, on_class_page: bool,
+                    labels: Mapping | None = None) -> str:
     """The sortable concept table; on a class page it links to cards on the same page and has no class column."""
     with_class = not on_class_page
     headers = []
@@ -346,7 +372,8 @@ def _overview_table(entries: Sequence[_ConceptEntry], table_id: str, on_class_pa
         '<th data-type="number" class="num" tabindex="0" aria-sort="none">concept</th>',
         '<th data-type="text" tabindex="0" aria-sort="none">direction</th>',
     ]
-    for key, label, tooltip in _NUMBER_COLUMNS:
+    columns = _number_columns(entries)
+    for key, label, tooltip in columns:
         # The rows are written lowest similarity first: say so in the header.
         state = "ascending" if key == "similarity" else "none"
         headers.append(
@@ -365,15 +392,15 @@ def _overview_table(entries: Sequence[_ConceptEntry], table_id: str, on_class_pa
             )
         concept_number = _number(concept.get("concept"))
         cells += [
-            f"<td>{_escape(concept.get('owner', ''))}</td>",
+            f"<td>{_escape(_model_name(str(concept.get('owner', '')), labels))}</td>",
             f'<td class="num" data-sort="{"" if concept_number is None else repr(concept_number)}">'
             f'<a href="{href}">{_escape(concept.get("concept", UNDEFINED))}</a></td>',
             f"<td>{_escape(concept.get('direction', ''))}</td>",
         ]
-        cells += [_number_cell(concept.get(key)) for key, _, _ in _NUMBER_COLUMNS]
+        cells += [_number_cell(concept.get(key)) for key, _, _ in columns]
         if concept.get("unpredictable"):
             # The similarity cell: 0 because the other model predicts a constant, and it says so.
-            position = len(cells) - len(_NUMBER_COLUMNS)
+            position = len(cells) - len(columns)
             cells[position] = cells[position].replace("</td>", f" {_UNPREDICTABLE_MARK}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
@@ -385,7 +412,39 @@ def _overview_table(entries: Sequence[_ConceptEntry], table_id: str, on_class_pa
     )
 
 
-def _concept_card(entry: _ConceptEntry, models: Mapping, images: _Images) -> str:
+def _best_match_text(concept: Mapping, labels: Mapping | None, card_ids: Mapping) -> str:
+    """The other model's concept this one correlates with most, linked to its card, and the correlation."""
+    match = concept.get("best_match")
+    if not isinstance(match, Mapping):
+        return _number_text(None)
+    name = f"{_model_name(str(match.get('owner', '')), labels)} concept {match.get('concept', '?')}"
+    card = card_ids.get((str(match.get("owner")), _number(match.get("concept"))))
+    linked = f'<a href="#{card}">{_escape(name)}</a>' if card else _escape(name)
+    return f'{linked} (r {_number_text(match.get("correlation"))})'
+
+
+# viridis at 0, 0.25, 0.5, 0.75 and 1: the heatmaps' colour scale (viz.collage), drawn as a CSS gradient.
+_VIRIDIS_STOPS = "#440154, #3b528b, #21918c, #5ec962, #fde725"
+
+
+def _heatmap_figure(concept: Mapping, images: _Images) -> str:
+    heatmap = concept.get("heatmap")
+    if not heatmap:
+        return ""
+    image = concept.get("heatmap_image")
+    named = f" of {_escape(image)}" if image else " over its best image"
+    top = _number(concept.get("heatmap_max"))
+    colour_bar = (
+        f'<div class="colourbar" title="concept coefficient, averaged where patches overlap; grey: no patch">'
+        f'<span>0</span><span class="ramp" style="background: linear-gradient(to right, {_VIRIDIS_STOPS})"></span>'
+        f"<span>{top:.2f}</span> coefficient</div>" if top is not None else ""
+    )
+    return (f'<figure class="heatmap"><figcaption><b>heatmap</b> — the concept\'s coefficients{named}'
+            f'</figcaption>{images.tag(heatmap, "heatmap", prefix="../")}{colour_bar}</figure>')
+
+
+def _concept_card(entry: _ConceptEntry, models: Mapping, images: _Images, labels: Mapping | None = None,
+                  card_ids: Mapping | None = None) -> str:
     concept = entry.concept
     direction = str(concept.get("direction", ""))
     owner = str(concept.get("owner", ""))
@@ -393,34 +452,31 @@ def _concept_card(entry: _ConceptEntry, models: Mapping, images: _Images) -> str
     self_similarity = _number(concept.get("self_similarity"))
     gap = None if similarity is None or self_similarity is None else self_similarity - similarity
     stats = [
-        (f"similarity {direction}", _number_text(similarity)),
-        (f"self baseline {_self_direction(direction)}", _number_text(self_similarity)),
-        ("gap to self", _number_text(gap)),
-        *([("unpredictable", _UNPREDICTABLE_MARK)] if concept.get("unpredictable") else []),
-        ("reverse similarity", _number_text(concept.get("reverse_similarity"))),
-        ("importance", _number_text(concept.get("importance"))),
-        ("square content", _number_text(concept.get("square_content"))),
+        ("similarity", f"similarity {direction}", _number_text(similarity)),
+        ("self", f"self baseline {_self_direction(direction)}", _number_text(self_similarity)),
+        ("gap", "gap to self", _number_text(gap)),
+        *([("unpredictable", "unpredictable", _UNPREDICTABLE_MARK)] if concept.get("unpredictable") else []),
+        ("best-match", "best match", _best_match_text(concept, labels, card_ids or {})),
+        ("importance", "importance", _number_text(concept.get("importance"))),
     ]
-    stats_html = "".join(f"<div><dt>{_escape(name)}</dt><dd>{value}</dd></div>" for name, value in stats)
+    if "square_content" in concept:  # only where squares were planted
+        stats.append(("square", "square content", _number_text(concept.get("square_content"))))
+    stats_html = "".join(f'<div class="stat-{key}"><dt>{_escape(name)}</dt><dd>{value}</dd></div>'
+                         for key, name, value in stats)
     collages = concept.get("collages") or {}
     figures = []
-    predictor = _predictor(direction)
+    predictor = _predictor(direction, labels)
     for kind, (caption, definition) in COLLAGE_LABELS.items():
         tag = images.tag(collages.get(kind), f"{kind} collage", prefix="../")
         figures.append(
             f'<figure class="collage collage-{kind}" title="{_escape(definition)}"><figcaption><b>{kind}</b> — '
             f"{_escape(caption.format(predictor=predictor))}</figcaption>{tag}</figure>"
         )
-    heatmap = concept.get("heatmap")
-    if heatmap:
-        figures.append(
-            '<figure class="heatmap"><figcaption><b>heatmap</b> — coefficients over one image</figcaption>'
-            f"{images.tag(heatmap, 'heatmap', prefix='../')}</figure>"
-        )
+    figures.append(_heatmap_figure(concept, images))
     owner_model = models.get(owner)
     owner_line = f'<p class="subtitle">{_escape(owner)}: {_escape(owner_model)}</p>' if owner_model else ""
     return (
-        f'<article class="card" id="{entry.card_id}">\n<h3>{_escape(_concept_label(concept))}</h3>\n{owner_line}\n'
+        f'<article class="card" id="{entry.card_id}">\n<h3>{_escape(_concept_label(concept, labels))}</h3>\n{owner_line}\n'
         f'<dl class="stats">{stats_html}</dl>\n<div class="collages">{"".join(figures)}</div>\n</article>'
     )
 
@@ -444,6 +500,29 @@ def _validate(report) -> None:
             )
 
 
+def _how_to_read(labels: Mapping) -> str:
+    one, two = _model_name("model1", labels), _model_name("model2", labels)
+    items = (
+        ("concept", f"a direction in one model's activations, found by NMF on the patches of one class; {one} and "
+                    f"{two} each have their own, and concept k of one has nothing to do with concept k of the other."),
+        ("similarity", f"how well the other model predicts a concept from its own activations (held-out Pearson r "
+                       f"between true and predicted coefficients). \"2->1\": {two} predicts {one}'s concepts; "
+                       f"\"1->2\": the reverse."),
+        ("self baseline", "the same read-out from the concept's own model (\"1->1\", \"2->2\"): the best a "
+                          "prediction can do with this regression on these patches."),
+        ("gap", "self baseline minus similarity: a large gap marks a concept the other model lacks (model-specific)."),
+        ("importance", "how much the class output relies on the concept (integrated gradients in concept space, "
+                       "normalized per class to [-1, 1]; negative: the concept argues against the class)."),
+        ("best match", "the other model's concept that correlates most with this one on the same patches."),
+        ("collages", "top: the patches where the concept is strongest (what it is); over: where the other model "
+                     "predicts it but it is absent; under: where it is present but the other model misses it. "
+                     "Each tile gives its image number, true (t) and predicted (p) coefficients."),
+    )
+    rows = "".join(f"<dt>{_escape(name)}</dt><dd>{_escape(text)}</dd>" for name, text in items)
+    return (f'<section id="how-to-read"><details open><summary><h2>How to read this</h2></summary>'
+            f'<dl class="glossary">{rows}</dl></details></section>')
+
+
 def write_report(out_dir, report: Mapping) -> Path:
     """Write ``out_dir/index.html`` and one page per class under ``out_dir/classes/``.
 
@@ -457,6 +536,7 @@ def write_report(out_dir, report: Mapping) -> Path:
     title = str(report.get("title") or "RSVC report")
     subtitle = str(report.get("subtitle") or "")
     models = report.get("models") or {}
+    labels = report.get("labels") or {}
     classes = list(report.get("classes", []))
     banner = f'\n<p class="banner" role="alert">{_escape(report["banner"])}</p>' if report.get("banner") else ""
 
@@ -496,17 +576,19 @@ def write_report(out_dir, report: Mapping) -> Path:
         ) + banner
         plots = "".join(images.tag(plot, f"{name} plot", prefix="../") for plot in class_entry.get("plots", []) or [])
         sorted_entries = sorted(entries, key=lambda entry: entry.sort_key)
+        card_ids = {(str(entry.concept.get("owner")), _number(entry.concept.get("concept"))): entry.card_id
+                    for entry in entries}
         body = []
         if plots:
             body.append(f'<section id="plots"><h2>Plots</h2><div class="figures">{plots}</div></section>')
         body.append(
             '<section id="summary"><h2>Concepts</h2>'
-            + _overview_table(sorted_entries, "class-table", on_class_page=True)
+            + _overview_table(sorted_entries, "class-table", on_class_page=True, labels=labels)
             + "</section>"
         )
         body.append(
             '<section id="cards"><h2>Concept cards</h2>\n'
-            + "\n".join(_concept_card(entry, models, images) for entry in sorted_entries)
+            + "\n".join(_concept_card(entry, models, images, labels, card_ids) for entry in sorted_entries)
             + "</section>"
         )
         all_links = "".join(
@@ -535,6 +617,7 @@ def write_report(out_dir, report: Mapping) -> Path:
         body.append(f'<section id="meta"><h2>Run</h2>{_key_value_table(report["meta"])}</section>')
     if report.get("provenance"):
         body.append(f'<section id="provenance"><h2>Provenance</h2>{_key_value_table(report["provenance"])}</section>')
+    body.append(_how_to_read(labels))
     body.append(
         f'<section id="classes"><h2>Classes</h2><p class="subtitle">lowest similarity per class in grey</p>'
         f'<nav class="classes">{"".join(class_links)}</nav></section>'
@@ -547,7 +630,7 @@ def write_report(out_dir, report: Mapping) -> Path:
     body.append(
         '<section id="overview"><h2>All concepts</h2>'
         '<p class="subtitle">lowest similarity first: the concepts the other model cannot predict</p>'
-        + _overview_table(all_entries, "overview-table", on_class_page=False)
+        + _overview_table(all_entries, "overview-table", on_class_page=False, labels=labels)
         + "</section>"
     )
     index_path = out_dir / "index.html"
