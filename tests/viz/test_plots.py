@@ -192,3 +192,44 @@ def test_layer_heatmap_refuses_mismatched_labels(tmp_path):
 def test_all_nan_heatmap_still_renders(tmp_path):
     path = plot_layer_heatmap(tmp_path / "nan.png", "t", np.full((2, 2), np.nan), ["a", "b"], ["c", "d"], "v")
     assert path.exists()
+
+
+def _points(svg: str) -> list[dict]:
+    return [dict(re.findall(r'(data-owner|data-concept|data-x|data-y)="([^"]*)"', match))
+            for match in re.findall(r'<circle class="point[^"]*"[^>]*>', svg)]
+
+
+def test_class_concepts_figure_plots_each_models_own_concepts_at_importance_and_similarity():
+    from rsvc_cli.viz.plots import class_concepts_svg
+
+    rng = np.random.default_rng(3)
+    similarity = [rng.uniform(0, 1, 6), rng.uniform(0, 1, 4)]
+    similarity[1][2] = np.nan
+    importance = [rng.uniform(-1, 1, 6), rng.uniform(-1, 1, 4)]
+    panels = [{"name": name, "predictor": other, "direction": direction, "similarity": s,
+               "self_similarity": np.full(len(s), 0.95), "importance": i}
+              for name, other, direction, s, i in zip(("R20", "R56"), ("R56", "R20"), ("2->1", "1->2"), similarity, importance)]
+    svg = class_concepts_svg("cat", panels, n_marked=2)
+    points = _points(svg)
+    for owner, s, i in zip(("R20", "R56"), similarity, importance):
+        mine = [p for p in points if p["data-owner"] == owner]
+        shown = np.isfinite(s)
+        assert [int(p["data-concept"]) for p in mine] == list(np.nonzero(shown)[0])
+        np.testing.assert_allclose([float(p["data-x"]) for p in mine], i[shown])
+        np.testing.assert_allclose([float(p["data-y"]) for p in mine], s[shown])
+    marked = [int(c) for c in re.findall(r'class="point marked"[^>]*data-concept="(\d+)"', svg)]
+    assert marked[:2] == sorted(np.argsort(similarity[0])[:2].tolist(), key=lambda k: similarity[0][k])
+    assert "1 undefined, not shown" in svg
+    assert "R56 predicts it (2-&gt;1)" in svg and "R20’s concepts" in svg and "R56’s concepts" in svg
+    assert svg.count('class="self"') == 6 + 3  # a self baseline per defined concept
+
+
+def test_class_concepts_figure_without_importance_uses_the_self_baseline_and_says_so():
+    from rsvc_cli.viz.plots import class_concepts_svg
+
+    baseline = np.array([0.9, 0.8, 0.97])
+    panels = [{"name": "a", "predictor": "b", "direction": "2->1", "similarity": [0.2, 0.5, 0.9],
+               "self_similarity": baseline, "importance": None}]
+    svg = class_concepts_svg("cat", panels)
+    np.testing.assert_allclose([float(p["data-x"]) for p in _points(svg)], baseline)
+    assert "self baseline (importance disabled)" in svg and 'class="diagonal"' in svg and 'class="self"' not in svg

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsvc_cli.viz.report import UNDEFINED, write_report
+from rsvc_cli.viz.plots import write_class_concepts_svg
+from rsvc_cli.viz.report import write_report
+
+LABELS = {"model1": "ResNet-20 <a>", "model2": "ResNet-56 & b"}  # markup in names must stay text
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -55,23 +58,33 @@ def fake_report(out_dir: Path, n_classes=3, n_concepts=3, seed=0):
     classes = []
     for class_position in range(n_classes):
         concepts = []
-        for owner, direction in (("model1", "2->1"), ("model2", "1->2")):
+        for owner, other, direction in (("model1", "model2", "2->1"), ("model2", "model1", "1->2")):
             for concept in range(n_concepts):
                 stem = f"collages/class {class_position}/{owner}_{concept}"
                 concepts.append({
                     "owner": owner, "concept": concept, "direction": direction,
                     "similarity": round(float(rng.uniform(-0.2, 1.0)), 3),
-                    "self_similarity": round(float(rng.uniform(0.8, 1.0)), 3), "reverse_similarity": None,
-                    "importance": round(float(rng.uniform(-1, 1)), 3), "square_content": None,
+                    "self_similarity": round(float(rng.uniform(0.8, 1.0)), 3),
+                    "best_match": {"owner": other, "concept": (concept + 1) % n_concepts,
+                                   "correlation": round(float(rng.uniform(0, 1)), 3)},
+                    "importance": round(float(rng.uniform(-1, 1)), 3),
                     "collages": {kind: png(f"{stem}_{kind}.png", (200, 120)) for kind in ("top", "over", "under")},
                     "heatmap": png(f"{stem}_heatmap.png", (96, 96)),
+                    "heatmap_image": f"cat/{concept:04d}.png (image {concept})", "heatmap_max": 1.5,
                 })
         concepts[-1]["similarity"] = None
-        classes.append({"name": f"class & {class_position}", "plots": [png(f"plots/{class_position}.png", (300, 160))],
-                        "concepts": concepts})
+        panels = [{"name": LABELS[owner], "predictor": LABELS[other], "direction": direction,
+                   "similarity": [c["similarity"] if c["similarity"] is not None else np.nan
+                                  for c in concepts if c["owner"] == owner],
+                   "self_similarity": [c["self_similarity"] for c in concepts if c["owner"] == owner],
+                   "importance": [c["importance"] for c in concepts if c["owner"] == owner]}
+                  for owner, other, direction in (("model1", "model2", "2->1"), ("model2", "model1", "1->2"))]
+        plot = f"plots/{class_position}_concepts.svg"
+        write_class_concepts_svg(out_dir / plot, f"class & {class_position}: similarity against importance", panels)
+        classes.append({"name": f"class & {class_position}", "plots": [plot], "concepts": concepts})
     return {
         "title": "browser test <report>", "subtitle": "fake numbers", "meta": {"seed": seed},
-        "models": {"model1": "a", "model2": "b"}, "classes": classes,
+        "models": {"model1": "a", "model2": "b"}, "labels": LABELS, "classes": classes,
         "layer_heatmaps": [png("plots/layers.png", (160, 160))],
     }
 
@@ -157,8 +170,22 @@ def test_report_works_from_disk(browser, tmp_path):
     assert page.locator("h1").inner_text() == "class & 1"
     assert page.locator("article.card").count() == len(report["classes"][1]["concepts"])
     assert assert_every_image_loaded(page) == 1 + 4 * len(report["classes"][1]["concepts"])
-    assert page.locator("article.card").first.locator("text=" + UNDEFINED).count() >= 1
     page.screenshot(path=str(tmp_path / "class.png"))
+
+    # Cards name their model, their best match in the other model (a link to its card), the heatmap's
+    # image and its colour bar; no square content where nothing was planted.
+    card = page.locator("article.card").first
+    owner = "model1" if LABELS["model1"] in card.locator("h3").inner_text() else "model2"
+    other_label = LABELS["model2" if owner == "model1" else "model1"]
+    match = card.locator(".stat-best-match a")
+    assert other_label in match.inner_text() and "(r 0." in card.locator(".stat-best-match dd").inner_text()
+    assert "cat/" in card.locator("figure.heatmap figcaption").inner_text()
+    assert card.locator(".colourbar").is_visible() and "1.50" in card.locator(".colourbar").inner_text()
+    assert page.locator(".stat-square").count() == 0 and page.locator("th", has_text="square content").count() == 0
+    match_target = match.get_attribute("href")
+    match.click()
+    assert page.evaluate("location.hash") == match_target
+    assert other_label in page.locator(f"article.card{match_target} h3").inner_text()
 
     # A concept link of the class table jumps to its card; "next" and "overview" navigate.
     first_link = page.locator("#class-table tbody tr a").first
@@ -172,6 +199,21 @@ def test_report_works_from_disk(browser, tmp_path):
     page.click("text=← overview")
     page.wait_for_load_state("load")
     assert page.url == index.as_uri()
+
+    # The index explains its numbers, naming the models.
+    assert page.locator("#how-to-read").is_visible()
+    assert LABELS["model2"] + " predicts " + LABELS["model1"] in page.locator("#how-to-read").inner_text()
+
+    # The per-class figure, opened by itself: one panel per model, each titled and its legend naming
+    # the other model as the predictor, the lowest similarities marked.
+    page.goto((tmp_path / "report" / report["classes"][0]["plots"][0]).as_uri(), timeout=TIMEOUT_MS)
+    panels = page.locator("g.panel")
+    assert panels.count() == 2
+    for position, (owner, other) in enumerate((("model1", "model2"), ("model2", "model1"))):
+        text = panels.nth(position).text_content()
+        assert LABELS[owner] + "’s concepts" in text and LABELS[other] + " predicts it" in text
+        assert panels.nth(position).locator("circle.point").count() >= 2
+        assert panels.nth(position).locator("circle.marked").count() >= 1
 
     assert problems == [], "\n".join(problems)
     page.close()
