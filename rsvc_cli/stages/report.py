@@ -1,7 +1,8 @@
 """rsvc report: one self-contained folder (index.html + images) per comparison.
 
-Collects the scores, importance and square content of every concept, the per-class similarity
-plots and the collages, and hands them to `viz.report.write_report`. Opens offline from disk.
+Collects the scores, importance, best match and (planted squares only) square content of every concept,
+the per-class figure (similarity against importance, one panel per model) and the collages, and hands
+them to `viz.report.write_report`. Opens offline from disk.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def fake_report(out_dir: Path, n_classes=3, n_concepts=3, seed=0, with_images=Tr
                 concepts.append({
                     "owner": owner, "concept": concept, "direction": direction,
                     "similarity": float(rng.uniform(-0.2, 1.0)), "self_similarity": float(rng.uniform(0.8, 1.0)),
-                    "reverse_similarity": None, "importance": float(rng.uniform(-1, 1)),
+                    "best_match": None, "importance": float(rng.uniform(-1, 1)),
                     "square_content": None, "collages": collages, "heatmap": f"{stem}-heat.png",
                 })
         concepts[0]["similarity"] = float("nan")
