@@ -426,7 +426,8 @@ def _padded_range(values: np.ndarray, low: float, high: float) -> tuple[float, f
 
 
 def _ticks(low: float, high: float) -> list[float]:
-    step = 0.2 if high - low <= 1.6 else 0.5
+    span = high - low
+    step = 0.1 if span <= 0.8 else 0.2 if span <= 1.6 else 0.5
     return [round(i * step, 10) for i in range(math.ceil(low / step), math.floor(high / step) + 1)]
 
 
@@ -466,7 +467,8 @@ def _concept_panel(panel: Mapping, x0: float, y0: float, n_marked: int) -> str:
     plot_width = _PANEL_WIDTH - _PANEL_LEFT - _PANEL_RIGHT
     plot_height = _PANEL_HEIGHT - _PANEL_TOP - _PANEL_BOTTOM
     x_low, x_high = _padded_range(x_values, -1.0 if by_importance and np.nanmin(x_values, initial=0) < 0 else 0.0, 1.0)
-    y_low, y_high = _padded_range(np.concatenate([similarity, baseline]), 0.0, 1.0)
+    # From the lowest value (not from 0) up to 1: similarities of trained models crowd 0.5-1.
+    y_low, y_high = _padded_range(np.concatenate([similarity, baseline]), 1.0, 1.0)
 
     def sx(value):
         return left + (value - x_low) / (x_high - x_low) * plot_width
