@@ -123,6 +123,7 @@ figcaption b { color: var(--ink); }
 .missing { display: inline-block; padding: 18px; background: var(--soft); color: var(--muted);
            border: 1px dashed var(--line); font-size: 12px; }
 details.all-classes { margin-top: 30px; }
+#how-to-read { margin-top: 22px; }
 #how-to-read summary { cursor: pointer; }
 #how-to-read summary h2 { display: inline; }
 dl.glossary { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 8px 0; max-width: 1100px; }
