@@ -33,6 +33,16 @@ def test_compare_cifar_cat_dog_report_has_every_concept(store, shared_dir, capsy
             images = re.findall(rf'src="\.\./(collages/[^"]+_{kind}\.png)"', text)
             assert len(set(images)) == 10, (page.name, kind, len(set(images)))
             assert all((out_dir / image).is_file() for image in images)
+        # The per-class figure names both models; every card names its best match in the other model
+        # (a concept of the other model, with its correlation) and, nothing planted, no square content.
+        figure = re.findall(r'src="\.\./(plots/[^"]+_concepts\.svg)"', text)
+        assert len(figure) == 1
+        svg = (out_dir / figure[0]).read_text()
+        assert "cifar_resnet20’s concepts" in svg and "cifar_resnet56’s concepts" in svg
+        matches = re.findall(r'<div class="stat-best-match"><dt>best match</dt><dd>(.*?)</dd>', text)
+        assert len(matches) == 10 and all(re.search(r"cifar_resnet(20|56) concept \d.*\(r -?\d\.\d{3}\)", m)
+                                          for m in matches)
+        assert "square content" not in text
     # importance reached the results table
     table = result["table"].read_text().splitlines()
     assert "importance" in table[0] and len(table) == 1 + 2 * 2 * 5
