@@ -1,9 +1,10 @@
-"""Plots for the report: per-class similarities, similarity vs importance, layer x layer heatmaps.
+"""Plots for the report: the per-class concept figure, similarity vs importance, layer x layer heatmaps.
 
-The per-class similarity bars, drawn for every class of every comparison, are written as a
-hand-made SVG by ``write_class_similarities_svg``: about a millisecond each instead of a quarter
-second through matplotlib, sharp at any zoom, and any browser opens it offline. The matplotlib
-version (``make_class_similarities_figure``) stays, with the same axis and colours.
+The per-class figure (each model's concepts at their importance and similarity, the paper's figure),
+drawn for every class of every comparison, is a hand-made SVG (``write_class_concepts_svg``): about a
+millisecond each instead of a quarter second through matplotlib, sharp at any zoom, and any browser
+opens it offline. It replaced a bar chart that put model 1's concept k and model 2's concept k under one
+tick, though the two are unrelated.
 
 Figures are built on matplotlib's object API with the Agg canvas, never ``pyplot``: no global
 figure state, no GUI backend, safe in worker processes. Each ``plot_*`` writes a PNG and returns its
@@ -13,7 +14,6 @@ path; each ``make_*_figure`` returns the figure so tests can inspect what was dr
 from __future__ import annotations
 
 import html
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,47 +24,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 DPI = 110
-# Direction strings follow DESIGN.md: "2->1" = model 1's concepts predicted from model 2.
-# Self baselines are drawn hollow and grey-ish so the cross-model bars stand out against them.
-_DIRECTION_COLOURS = {"2->1": "#1f77b4", "1->2": "#d62728", "1->1": "#9ecae1", "2->2": "#f4a5a5"}
-_FALLBACK_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+_POINT_COLOUR = "#1f77b4"
 
 
 def _plain(text) -> str:
     """Text as matplotlib should print it: a '$' pair would otherwise start math mode."""
     return str(text).replace("$", r"\$")
-
-
-def _is_self_baseline(direction: str) -> bool:
-    parts = direction.split("->")
-    return len(parts) == 2 and parts[0] == parts[1]
-
-
-def _similarity_rows(similarities: Mapping[str, Sequence[float]]) -> tuple[list[str], np.ndarray]:
-    """The directions in the caller's order, and their values as a (directions x concepts) array."""
-    directions = list(similarities)
-    values = np.array([np.asarray(similarities[d], dtype=np.float64).reshape(-1) for d in directions])
-    if values.ndim != 2:
-        raise ValueError("every direction needs one similarity per concept, all of the same length")
-    return directions, values
-
-
-def _similarity_axis(values: np.ndarray) -> tuple[float, float, list[float]]:
-    """y limits and ticks of the similarity bars: ticks every 0.2 from below the lowest value (or 0)
-    up to 1, the limits a little beyond; the headroom up to 1.25 keeps the legend clear of the bars."""
-    finite = values[np.isfinite(values)]
-    lowest = min(0.0, float(finite.min())) if finite.size else 0.0
-    ticks = [step / 5 for step in range(math.floor(lowest * 5), 6)]
-    return min(lowest - 0.05, ticks[0]), 1.25, ticks
-
-
-def _direction_colours(directions: Sequence[str]) -> list[str]:
-    fallback = itertools.cycle(_FALLBACK_COLOURS)
-    return [_DIRECTION_COLOURS.get(direction) or next(fallback) for direction in directions]
-
-
-def _similarity_chart_inches(n_concepts: int, n_directions: int) -> tuple[float, float]:
-    return max(5.0, 0.55 * n_concepts * max(n_directions, 1) ** 0.5 + 2.5), 3.4
 
 
 def _save(figure: Figure, path) -> Path:
@@ -75,73 +40,6 @@ def _save(figure: Figure, path) -> Path:
     return path
 
 
-def make_class_similarities_figure(
-    title: str,
-    similarities: Mapping[str, Sequence[float]],
-    concept_labels: Sequence[str] | None = None,
-    ylabel: str = "similarity (Pearson r)",
-) -> Figure:
-    """Grouped bars: one group per concept, one bar per direction (e.g. "2->1" next to "1->1").
-
-    All arrays in ``similarities`` describe the same k concepts, in the same order. NaN
-    (undefined) similarities get no bar and an "n/a" mark at zero.
-    """
-    directions, values = _similarity_rows(similarities)
-    n_directions, n_concepts = values.shape
-    if concept_labels is None:
-        concept_labels = [str(i) for i in range(n_concepts)]
-
-    figure = Figure(figsize=_similarity_chart_inches(n_concepts, n_directions))
-    axes = figure.add_subplot()
-    width = 0.8 / max(n_directions, 1)
-    positions = np.arange(n_concepts)
-    for row, (direction, colour) in enumerate(zip(directions, _direction_colours(directions))):
-        offset = (row - (n_directions - 1) / 2) * width
-        finite = np.isfinite(values[row])
-        hatch = "//" if _is_self_baseline(direction) else None
-        axes.bar(
-            positions[finite] + offset,
-            values[row, finite],
-            width=width * 0.95,
-            color=colour,
-            edgecolor="#333333" if hatch else colour,
-            linewidth=0.5,
-            hatch=hatch,
-            label=_plain(direction),
-        )
-        for x in positions[~finite] + offset:
-            axes.text(x, 0.0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="#555555")
-    axes.axhline(0.0, color="#333333", linewidth=0.6)
-    y_min, y_max, ticks = _similarity_axis(values)
-    axes.set_ylim(y_min, y_max)
-    axes.set_yticks(ticks)
-    axes.set_xticks(positions, [_plain(label) for label in concept_labels])
-    axes.set_xlabel("concept")
-    axes.set_ylabel(_plain(ylabel))
-    axes.set_title(_plain(title), fontsize=10)
-    axes.grid(axis="y", color="#dddddd", linewidth=0.5)
-    axes.set_axisbelow(True)
-    axes.legend(fontsize=7, ncol=max(1, n_directions), loc="upper right", framealpha=0.9)
-    # Fixed margins in inches instead of tight_layout, which draws the whole figure once more to
-    # measure it: a report draws one of these per class and comparison, a sweep hundreds.
-    width, height = figure.get_size_inches()
-    figure.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.3 / height)
-    return figure
-
-
-def plot_class_similarities(
-    path,
-    title: str,
-    similarities: Mapping[str, Sequence[float]],
-    concept_labels: Sequence[str] | None = None,
-    ylabel: str = "similarity (Pearson r)",
-) -> Path:
-    """Write the grouped similarity bars of one class (see ``make_class_similarities_figure``)."""
-    return _save(make_class_similarities_figure(title, similarities, concept_labels, ylabel), path)
-
-
-# The SVG bar chart, in pixels: the PNG's size (inches x DPI) and fixed margins.
-_SVG_MARGIN_LEFT, _SVG_MARGIN_RIGHT, _SVG_MARGIN_TOP, _SVG_MARGIN_BOTTOM = 77, 17, 33, 55
 _SVG_FONT = "DejaVu Sans, Arial, sans-serif"
 # Average glyph width of that font, in font sizes: enough to shorten a label before it overflows,
 # with no text measurement.
@@ -161,138 +59,8 @@ def _fit(text, width: float, font_size: float) -> str:
 
 
 def _px(value: float) -> str:
-    # Five decimals keep bar heights exact far below a pixel, so values can be read back from them.
+    # Five decimals keep positions exact far below a pixel, so values can be read back from them.
     return f"{value:.5f}".rstrip("0").rstrip(".")
-
-
-def class_similarities_svg(
-    title: str,
-    similarities: Mapping[str, Sequence[float]],
-    concept_labels: Sequence[str] | None = None,
-    ylabel: str = "similarity (Pearson r)",
-) -> str:
-    """The chart of ``make_class_similarities_figure`` as an SVG document, drawn without matplotlib.
-
-    Same content: a group of bars per concept, a bar per direction in the given order, self
-    baselines hatched, NaN as no bar and an "n/a" mark. Value v is drawn at y = y(0) - v * scale
-    pixels; bars (``class="bar"``) and grid lines (``class="grid"``) carry their value in
-    ``data-value``, so a reader can check one against the other. Each bar has a <title> tooltip,
-    shown when the SVG is opened by itself (browsers show none inside an <img>).
-    """
-    directions, values = _similarity_rows(similarities)
-    n_directions, n_concepts = values.shape
-    labels = [str(i) for i in range(n_concepts)] if concept_labels is None else list(concept_labels)
-    colours = _direction_colours(directions)
-    inches = _similarity_chart_inches(n_concepts, n_directions)
-    width, height = round(inches[0] * DPI), round(inches[1] * DPI)
-    left, top = _SVG_MARGIN_LEFT, _SVG_MARGIN_TOP
-    plot_width = width - left - _SVG_MARGIN_RIGHT
-    plot_height = height - top - _SVG_MARGIN_BOTTOM
-    bottom = top + plot_height
-    y_min, y_max, ticks = _similarity_axis(values)
-    scale = plot_height / (y_max - y_min)
-    zero = top + y_max * scale
-    group = plot_width / max(n_concepts, 1)
-    bar = 0.8 * group / max(n_directions, 1)
-
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        f'font-family="{_SVG_FONT}" font-size="12" fill="#222222">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        "<defs>",
-    ]
-    fills = []
-    for row, (direction, colour) in enumerate(zip(directions, colours)):
-        if not _is_self_baseline(direction):
-            fills.append(f'fill="{colour}" stroke="{colour}" stroke-width="0.5"')
-            continue
-        parts.append(
-            f'<pattern id="hatch{row}" width="8" height="8" patternUnits="userSpaceOnUse" '
-            f'patternTransform="rotate(45)">'
-            f'<rect width="8" height="8" fill="{colour}"/><line x1="0" y1="0" x2="0" y2="8" stroke="{_SVG_OUTLINE}"/>'
-            "</pattern>"
-        )
-        fills.append(f'fill="url(#hatch{row})" stroke="{_SVG_OUTLINE}" stroke-width="0.5"')
-    parts.append("</defs>")
-
-    for tick in ticks:
-        y = _px(zero - tick * scale)
-        parts.append(
-            f'<line class="grid" data-value="{tick!r}" x1="{left}" x2="{left + plot_width}" y1="{y}" y2="{y}" '
-            f'stroke="#dddddd" stroke-width="0.8"/>'
-            f'<text x="{left - 7}" y="{y}" text-anchor="end" dominant-baseline="central">'
-            f'{f"{tick:.1f}".replace("-", "−")}</text>'
-        )
-    for row, direction in enumerate(directions):
-        for concept, value in enumerate(values[row]):
-            x = left + (concept + 0.5) * group + (row - (n_directions - 1) / 2) * bar
-            if not np.isfinite(value):
-                parts.append(
-                    f'<text class="na" transform="translate({_px(x)},{_px(zero - 3)}) rotate(-90)" font-size="9" '
-                    f'fill="#555555" dominant-baseline="central">n/a</text>'
-                )
-                continue
-            tooltip = _xml(f"{direction}, concept {labels[concept]}: {value:.3f}")
-            parts.append(
-                f'<rect class="bar" data-value="{float(value)!r}" x="{_px(x - 0.475 * bar)}" '
-                f'y="{_px(zero - max(value, 0.0) * scale)}" width="{_px(0.95 * bar)}" '
-                f'height="{_px(abs(value) * scale)}" {fills[row]}><title>{tooltip}</title></rect>'
-            )
-    parts.append(
-        f'<line class="zero" x1="{left}" x2="{left + plot_width}" y1="{_px(zero)}" y2="{_px(zero)}" '
-        f'stroke="{_SVG_OUTLINE}" stroke-width="0.8"/>'
-        f'<rect x="{left}" y="{top}" width="{plot_width}" height="{plot_height}" fill="none" stroke="{_SVG_OUTLINE}"/>'
-    )
-    for concept, label in enumerate(labels):
-        x = _px(left + (concept + 0.5) * group)
-        parts.append(
-            f'<line x1="{x}" x2="{x}" y1="{bottom}" y2="{bottom + 4}" stroke="{_SVG_OUTLINE}"/>'
-            f'<text x="{x}" y="{bottom + 18}" text-anchor="middle">{_xml(_fit(label, group, 12))}</text>'
-        )
-    title_width = plot_width + 2 * _SVG_MARGIN_RIGHT  # centred over the plot, so the narrower side limits it
-    parts += [
-        f'<text class="title" x="{_px(left + plot_width / 2)}" y="{top - 11}" text-anchor="middle" font-size="14">'
-        f"{_xml(_fit(title, title_width, 14))}</text>",
-        f'<text x="{_px(left + plot_width / 2)}" y="{height - 10}" text-anchor="middle" font-size="13">concept</text>',
-        f'<text transform="translate(16,{_px(top + plot_height / 2)}) rotate(-90)" text-anchor="middle" '
-        f'dominant-baseline="central" font-size="13">{_xml(_fit(ylabel, plot_height, 13))}</text>',
-        _svg_legend(directions, fills, right=left + plot_width - 6, top=top + 6),
-        "</svg>\n",
-    ]
-    return "\n".join(parts)
-
-
-def _svg_legend(directions: Sequence[str], fills: Sequence[str], right: float, top: float) -> str:
-    """One row of swatch + direction name per direction, right-aligned at ``right``."""
-    font_size = 11
-    widths = [14 + 4 + len(direction) * _SVG_CHAR_WIDTH * font_size + 10 for direction in directions]
-    x = right - sum(widths) - 8
-    entries = [f'<rect x="{_px(x)}" y="{top}" width="{_px(sum(widths) + 8)}" height="20" rx="3" fill="white" '
-               f'fill-opacity="0.9" stroke="#cccccc"/>']
-    x += 6
-    for direction, fill, entry_width in zip(directions, fills, widths):
-        entries.append(
-            f'<rect x="{_px(x)}" y="{top + 6}" width="14" height="8" {fill}/>'
-            f'<text x="{_px(x + 18)}" y="{top + 14}" font-size="{font_size}">{_xml(direction)}</text>'
-        )
-        x += entry_width
-    return '<g class="legend">' + "".join(entries) + "</g>"
-
-
-def write_class_similarities_svg(
-    path,
-    title: str,
-    similarities: Mapping[str, Sequence[float]],
-    concept_labels: Sequence[str] | None = None,
-    ylabel: str = "similarity (Pearson r)",
-) -> Path:
-    """Write ``class_similarities_svg`` to ``path`` (then renamed into place), creating its folder."""
-    from rsvc_cli.store.artifact import write_text_replacing
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_replacing(path, class_similarities_svg(title, similarities, concept_labels, ylabel))
-    return path
 
 
 def make_similarity_vs_importance_figure(
@@ -502,7 +270,7 @@ def _concept_panel(panel: Mapping, x0: float, y0: float, n_marked: int) -> str:
     for k in np.nonzero(defined)[0]:
         k = int(k)
         x, y = sx(x_values[k]), sy(similarity[k])
-        colour = _MARKED_COLOUR if k in marked else _DIRECTION_COLOURS["2->1"]
+        colour = _MARKED_COLOUR if k in marked else _POINT_COLOUR
         weight = ' font-weight="bold"' if k in marked else ""
         if by_importance and np.isfinite(baseline[k]):
             b = sy(baseline[k])
@@ -525,7 +293,7 @@ def _concept_panel(panel: Mapping, x0: float, y0: float, n_marked: int) -> str:
                  f'font-size="12">{_xml(x_label)}</text>'
                  f'<text transform="translate({x0 + 14},{_px(top + plot_height / 2)}) rotate(-90)" text-anchor="middle" '
                  f'dominant-baseline="central" font-size="12">similarity (Pearson r)</text>')
-    legend = [("point", _DIRECTION_COLOURS["2->1"], f"{predictor} predicts it ({direction})")]
+    legend = [("point", _POINT_COLOUR, f"{predictor} predicts it ({direction})")]
     if by_importance:
         legend.append(("self", "#6b7280", "self baseline (owner predicts it)"))
     legend.append(("point", _MARKED_COLOUR, f"{len(marked)} lowest similarity"))

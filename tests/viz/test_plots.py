@@ -1,5 +1,5 @@
 """Plots: written as readable PNGs, drawing what they were given (checked on the figure objects);
-the SVG similarity chart read back with ElementTree."""
+the SVG per-class concept figure read back from its markup."""
 
 from __future__ import annotations
 
@@ -8,31 +8,21 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
-from matplotlib.patches import Rectangle
 from PIL import Image
 
 from rsvc_cli.viz.plots import (
-    class_similarities_svg,
-    make_class_similarities_figure,
+    class_concepts_svg,
     make_layer_heatmap_figure,
     make_similarity_vs_importance_figure,
-    plot_class_similarities,
     plot_layer_heatmap,
     plot_similarity_vs_importance,
-    write_class_similarities_svg,
+    write_class_concepts_svg,
 )
 from rsvc_cli.viz.report import _Images
 
-# Bar heights and positions come back from matplotlib as floats.
+# Positions come back from matplotlib as floats.
 VALUE_TOLERANCE = 1e-12
 SVG = "{http://www.w3.org/2000/svg}"
-# Four directions, NaN in three of them, one negative value: what a real class looks like.
-SIMILARITIES = {
-    "2->1": [0.2, np.nan, 0.7, -0.3],
-    "1->1": [0.9, 0.8, np.nan, 0.95],
-    "1->2": [0.4, 0.1, 0.3, 0.6],
-    "2->2": [0.9, 0.9, 0.85, np.nan],
-}
 
 
 def assert_png(path):
@@ -43,113 +33,47 @@ def assert_png(path):
     assert pixels.std() > 5, "blank image"
 
 
-def test_class_similarities_draws_one_bar_per_defined_value(tmp_path):
-    similarities = {"2->1": np.array([0.2, np.nan, 0.7, -0.1]), "1->1": np.array([0.9, 0.8, np.nan, 0.95])}
-    figure = make_class_similarities_figure("cat: model1 concepts", similarities)
-    axes = figure.axes[0]
-    bars = [patch for patch in axes.patches if isinstance(patch, Rectangle)]
-    heights = sorted(bar.get_height() for bar in bars)
-    expected = sorted(v for values in similarities.values() for v in values if np.isfinite(v))
-    assert np.allclose(heights, expected, atol=VALUE_TOLERANCE)
-    assert sum(text.get_text() == "n/a" for text in axes.texts) == 2
-    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["2->1", "1->1"]
-    path = plot_class_similarities(tmp_path / "sub" / "cat.png", "cat $1 vs $2", similarities, ["a", "b", "c", "d"])
-    assert_png(path)
-
-
-@pytest.mark.parametrize("n_concepts", [1, 3, 10, 25])
-def test_class_similarities_fixed_margins_keep_every_label_inside_the_figure(n_concepts):
-    """The bar chart has fixed margins (no tight_layout): titles, tick and axis labels must still fit."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    values = np.linspace(-0.4, 1.0, n_concepts)
-    figure = make_class_similarities_figure("a_rather_long_class_name: concept similarity",
-                                            {d: values for d in ("2->1", "1->1", "1->2", "2->2")})
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()  # places the axis labels
-    renderer = canvas.get_renderer()
-    axes = figure.axes[0]
-    texts = [axes.title, axes.xaxis.label, axes.yaxis.label,
-             *axes.get_xticklabels(), *axes.get_yticklabels()]
-    width, height = figure.bbox.width, figure.bbox.height
-    for text in texts:
-        if not text.get_text():
-            continue
-        box = text.get_window_extent(renderer)
-        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, text.get_text()
-
-
 def svg_elements(root, tag: str, kind: str) -> list:
     return [element for element in root.iter(SVG + tag) if element.get("class") == kind]
 
 
-def test_class_similarities_svg_draws_each_defined_value_to_scale():
-    root = ElementTree.fromstring(class_similarities_svg("cat: concept similarity", SIMILARITIES))
-    # The axis, read from the drawing: the grid line at 1.0 sits `scale` pixels above the one at 0.
-    grid = {float(line.get("data-value")): float(line.get("y1")) for line in svg_elements(root, "line", "grid")}
-    assert sorted(grid) == pytest.approx([-0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    zero = float(svg_elements(root, "line", "zero")[0].get("y1"))
-    scale = grid[0.0] - grid[1.0]
-    assert grid[0.0] == pytest.approx(zero, abs=1e-6 * scale) and scale > 100
-
-    bars = svg_elements(root, "rect", "bar")
-    expected = [(d, k, v) for d, values in SIMILARITIES.items() for k, v in enumerate(values) if np.isfinite(v)]
-    assert len(bars) == len(expected)
-    for bar, (direction, concept, value) in zip(bars, expected):
-        assert bar.find(SVG + "title").text == f"{direction}, concept {concept}: {value:.3f}"
-        assert float(bar.get("data-value")) == value
-        top, height = float(bar.get("y")), float(bar.get("height"))
-        assert height == pytest.approx(abs(value) * scale, abs=1e-6 * scale)
-        # Positive bars stand on the zero line, negative ones hang below it.
-        assert (top + height if value > 0 else top) == pytest.approx(zero, abs=1e-6 * scale)
-        if value < 0:
-            assert top + height > zero + 10
-        # Self baselines are hatched, the cross-model bars filled with their direction's colour.
-        assert bar.get("fill").startswith("url(#hatch") == (direction in ("1->1", "2->2"))
-    # Groups left to right by concept, within a group the directions in the given order.
-    x_by_position = {(k, list(SIMILARITIES).index(d)): float(bar.get("x")) for bar, (d, k, _) in zip(bars, expected)}
-    assert [x_by_position[key] for key in sorted(x_by_position)] == sorted(x_by_position.values())
-
-    assert [text.text for text in svg_elements(root, "text", "na")] == ["n/a"] * 3
-    legend = svg_elements(root, "g", "legend")[0]
-    assert [text.text for text in legend.iter(SVG + "text")] == list(SIMILARITIES)
+def two_panels(first="R20", second="R56", k=4):
+    values = np.linspace(0.3, 0.9, k)
+    return [{"name": name, "predictor": other, "direction": direction, "similarity": values,
+             "self_similarity": np.full(k, 0.95), "importance": np.linspace(-0.5, 1.0, k)}
+            for name, other, direction in ((first, second, "2->1"), (second, first, "1->2"))]
 
 
-def test_class_similarities_svg_escapes_text(tmp_path):
+def test_class_concepts_svg_escapes_text(tmp_path):
     title = 'cat & <dog> "$1" vs $2\'s'
-    path = write_class_similarities_svg(tmp_path / "sub" / "cat.svg", title, SIMILARITIES,
-                                        ["a&b", "<c>", "$d$", "e"], ylabel="r < 1 & $x$")
+    path = write_class_concepts_svg(tmp_path / "sub" / "cat.svg", title, two_panels("a&b", "<c>"))
     root = ElementTree.parse(path).getroot()
     assert svg_elements(root, "text", "title")[0].text == title
-    texts = {text.text for text in root.iter(SVG + "text")}
-    assert {"a&b", "<c>", "$d$", "r < 1 & $x$"} <= texts
+    assert [text.text for text in svg_elements(root, "text", "panel-title")] == ["a&b’s concepts", "<c>’s concepts"]
     assert [file.name for file in path.parent.iterdir()] == ["cat.svg"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("n_concepts", [1, 25])
-def test_class_similarities_svg_shortens_a_title_wider_than_the_chart(n_concepts):
-    title = "a_rather_long_class_name: concept similarity " * 10
-    root = ElementTree.fromstring(class_similarities_svg(title, {"2->1": np.linspace(-0.4, 1.0, n_concepts)}))
+def test_class_concepts_svg_shortens_a_title_wider_than_the_figure():
+    title = "a_rather_long_class_name: similarity against importance " * 10
+    root = ElementTree.fromstring(class_concepts_svg(title, two_panels()))
     shown = svg_elements(root, "text", "title")[0].text
     assert shown.endswith("…") and title.startswith(shown[:-1])
-    # At least 0.6 font sizes (14 px) per character, the average of DejaVu Sans, fit in the width.
-    assert len(shown) * 0.6 * 14 <= int(root.get("width"))
+    # At least 0.6 font sizes (15 px) per character, the average of DejaVu Sans, fit in the width.
+    assert len(shown) * 0.6 * 15 <= int(root.get("width"))
 
 
 def test_report_image_tags_carry_svg_and_png_sizes(tmp_path):
-    """The report sizes its <img> tags from the files: the SVG chart's from its root element, about
-    the size of the PNG it replaces."""
-    write_class_similarities_svg(tmp_path / "plots" / "cat.svg", "cat", SIMILARITIES)
-    plot_class_similarities(tmp_path / "plots" / "cat.png", "cat", SIMILARITIES)
+    """The report sizes its <img> tags from the files: the SVG figure's from its root element."""
+    write_class_concepts_svg(tmp_path / "plots" / "cat.svg", "cat", two_panels())
+    plot_similarity_vs_importance(tmp_path / "plots" / "cat.png", "cat", [0.1, 0.5], [0.2, -0.3])
     (tmp_path / "plots" / "broken.svg").write_text("<html>not a chart</html>")
     images = _Images(tmp_path)
     sizes = {}
     for name in ("cat.svg", "cat.png"):
         tag = images.tag(tmp_path / "plots" / name, "similarities")
         sizes[name] = tuple(int(v) for v in re.search(r'width="(\d+)" height="(\d+)"', tag).groups())
-    # (0.55 x 4 concepts x sqrt(4 directions) + 2.5) x 3.4 inches at 110 dpi
-    assert sizes["cat.svg"] == images.size("plots/cat.svg") == (759, 374)
-    assert np.allclose(sizes["cat.svg"], sizes["cat.png"], atol=1)
+    assert sizes["cat.svg"] == images.size("plots/cat.svg") == (2 * 430, 380 + 34)  # two panels and the title
+    assert sizes["cat.png"] == (round(4.6 * 110), round(3.8 * 110))
     assert images.size("plots/broken.svg") is None and images.size("plots/absent.svg") is None
     assert "missing image" in images.tag("plots/broken.svg", "similarities")
 
@@ -200,8 +124,6 @@ def _points(svg: str) -> list[dict]:
 
 
 def test_class_concepts_figure_plots_each_models_own_concepts_at_importance_and_similarity():
-    from rsvc_cli.viz.plots import class_concepts_svg
-
     rng = np.random.default_rng(3)
     similarity = [rng.uniform(0, 1, 6), rng.uniform(0, 1, 4)]
     similarity[1][2] = np.nan
@@ -225,8 +147,6 @@ def test_class_concepts_figure_plots_each_models_own_concepts_at_importance_and_
 
 
 def test_class_concepts_figure_without_importance_uses_the_self_baseline_and_says_so():
-    from rsvc_cli.viz.plots import class_concepts_svg
-
     baseline = np.array([0.9, 0.8, 0.97])
     panels = [{"name": "a", "predictor": "b", "direction": "2->1", "similarity": [0.2, 0.5, 0.9],
                "self_similarity": baseline, "importance": None}]
