@@ -509,6 +509,8 @@ def _how_to_read(labels: Mapping) -> str:
         ("similarity", f"how well the other model predicts a concept from its own activations (held-out Pearson r "
                        f"between true and predicted coefficients). \"2->1\": {two} predicts {one}'s concepts; "
                        f"\"1->2\": the reverse."),
+        ("unpredictable", "the other model's features predict a constant (the lasso kept no weight): similarity 0, "
+                          "marked wherever similarities are listed."),
         ("self baseline", "the same read-out from the concept's own model (\"1->1\", \"2->2\"): the best a "
                           "prediction can do with this regression on these patches."),
         ("gap", "self baseline minus similarity: a large gap marks a concept the other model lacks (model-specific)."),
