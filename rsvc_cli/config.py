@@ -161,6 +161,19 @@ class RegressionConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """Intervals by bootstrap over images and the per-concept call (DESIGN.md, "Trust")."""
+
+    n_resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    # Calls from the gap (self minus cross similarity) and the self baseline's intervals.
+    specific_gap: float = 0.2  # model-specific: the gap's lower bound is above this ...
+    min_self: float = 0.5  # ... and the self baseline's lower bound at least this; unreliable: its upper bound below
+    shared_gap: float = 0.1  # shared: the gap's upper bound is below this
+
+
+@dataclass
 class ImportanceConfig:
     enabled: bool = True
     steps: int = 30
@@ -240,6 +253,7 @@ class PairConfig(RunConfig):
     extract_layers2: List[str] = field(default_factory=list)
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     collage: CollageConfig = field(default_factory=CollageConfig)
     n_tiles: int = 8

@@ -9,6 +9,13 @@ true coefficients are constant on the scored patches is undefined (NaN), and the
 counted wherever means are shown (`metrics.concept_similarity`). Also: the k x k
 concept-correlation table between the two models on common patches with its mean row and
 column maxima, and debiased linear CKA between the two layers.
+
+How sure each number is (DESIGN.md, "Trust"): `score.n_resamples` bootstrap resamples of each
+class's scored images (with their patches; classes independently, seeded by `score.seed` and the
+class's position) give percentile intervals for every similarity, its gap to the self baseline
+(self minus cross on the same resamples), class and overall means and mean max concept
+correlation, and one call per concept (`algorithms.bootstrap.concept_calls`). All of it comes
+from the stored regression, so changing only `score.*` reruns this stage alone.
 """
 
 from __future__ import annotations
@@ -75,8 +82,80 @@ def _float64(array, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device, torch.float64)
 
 
-def scores_content(reg_content: dict, evaluation: str) -> dict:
-    return stage_content("scores", regression=reg_content, evaluation=evaluation)
+def scores_content(reg_content: dict, evaluation: str, settings: dict | None = None) -> dict:
+    """The scores' content config; ``settings`` (`score.*`) key the intervals and calls. Without
+    them it names the point similarities only: what importance depends on, so changing
+    `score.*` never recomputes importance. (Adding the `intervals` field changed every scores key,
+    so artifacts without intervals are never read as current: no revision bump needed.)"""
+    fields = {"regression": reg_content, "evaluation": evaluation}
+    if settings is not None:
+        fields["intervals"] = settings
+    return stage_content("scores", **fields)
+
+
+def score_settings(cfg) -> dict:
+    """`score.*` as plain values, checked: the bootstrap and the call thresholds."""
+    s = cfg.score
+    settings = {"n_resamples": int(s.n_resamples), "confidence": float(s.confidence), "seed": int(s.seed),
+                "specific_gap": float(s.specific_gap), "shared_gap": float(s.shared_gap), "min_self": float(s.min_self)}
+    if settings["n_resamples"] < 10:
+        raise RsvcError(f"score.n_resamples={settings['n_resamples']} is too few resamples for an interval.",
+                        "Use at least 10 (1000, the default, gives stable 95 % bounds).")
+    if not 0 < settings["confidence"] < 1:
+        raise RsvcError(f"score.confidence={settings['confidence']} is not a confidence level.",
+                        "Use a number between 0 and 1, e.g. score.confidence=0.95.")
+    return settings
+
+
+def class_intervals(g, scored: dict, u1, u2, image_row: np.ndarray, settings: dict, position: int, t) -> dict:
+    """Bootstrap one class's scored images and write the intervals and calls into its group ``g``;
+    returns the per-resample values that the overall means need."""
+    from rsvc_cli.algorithms.bootstrap import ImageBootstrap, concept_calls, percentile_interval
+    from rsvc_cli.algorithms.metrics import mean_max_correlation
+
+    boot = ImageBootstrap(settings["n_resamples"], seed=(settings["seed"], position)).fit(image_row)
+    interval = lambda samples: percentile_interval(samples, settings["confidence"])  # noqa: E731
+    resampled = {}
+    for direction in OWNER:
+        sub = g[direction_group(direction)]
+        resampled[direction] = boot.pearson(t(scored[direction].true), t(scored[direction].predicted)).cpu()
+        low, high, undefined = interval(resampled[direction])
+        write_array(sub, "similarity_low", low, "concept")
+        write_array(sub, "similarity_high", high, "concept")
+        write_array(sub, "undefined_resamples", undefined, "concept")
+        sub.attrs["mean_similarity_low"], sub.attrs["mean_similarity_high"], _ = interval(torch.nanmean(resampled[direction], -1))
+    for owner in (1, 2):
+        sub, self_sub = g[direction_group(CROSS[owner])], g[direction_group(SELF[owner])]
+        gap = resampled[SELF[owner]] - resampled[CROSS[owner]]
+        gap_low, gap_high, _ = interval(gap)
+        point = self_sub["similarity"][()] - sub["similarity"][()]
+        calls = concept_calls(gap_low, gap_high, self_sub["similarity_low"][()], self_sub["similarity_high"][()],
+                              defined=np.isfinite(point), specific_gap=settings["specific_gap"],
+                              shared_gap=settings["shared_gap"], min_self=settings["min_self"])
+        write_array(sub, "gap", point, "concept")
+        write_array(sub, "gap_low", gap_low, "concept")
+        write_array(sub, "gap_high", gap_high, "concept")
+        write_array(sub, "call", calls, "concept")
+    row_max, col_max = mean_max_correlation(boot.concept_correlation(t(u1), t(u2)).cpu())
+    mean_max = (row_max + col_max) / 2
+    g.attrs["mean_max_correlation_low"], g.attrs["mean_max_correlation_high"], _ = interval(mean_max)
+    return {**resampled, "mean_max_correlation": mean_max}
+
+
+def write_overall_intervals(f, per_class: list[dict], settings: dict) -> None:
+    """Overall means per resample (resample b of every class; classes are drawn independently)."""
+    from rsvc_cli.algorithms.bootstrap import percentile_interval
+
+    g = f.create_group("overall")
+    for direction in DIRECTIONS:
+        pooled = torch.cat([c[direction] for c in per_class], dim=-1)
+        g.attrs[f"{direction} mean_similarity_low"], g.attrs[f"{direction} mean_similarity_high"], _ = \
+            percentile_interval(torch.nanmean(pooled, -1), settings["confidence"])
+    per_class_mean_max = torch.stack([c["mean_max_correlation"] for c in per_class], -1)
+    g.attrs["mean_max_correlation_low"], g.attrs["mean_max_correlation_high"], _ = \
+        percentile_interval(torch.nanmean(per_class_mean_max, -1), settings["confidence"])
+    for key, value in settings.items():
+        g.attrs[key] = value
 
 
 def score(pair, cfg, regression_path: Path) -> dict:
@@ -88,7 +167,8 @@ def score(pair, cfg, regression_path: Path) -> dict:
                         "Use regression.evaluation=heldout (the evaluation set) or crossval (held-out folds of the regression set).")
     group_by = str(cfg.dataset.group_by)
     reg_content = regression_content(pair, regression_params(cfg), group_by)
-    content = scores_content(reg_content, evaluation)
+    settings = score_settings(cfg)
+    content = scores_content(reg_content, evaluation, settings)
     device = resolve_device(cfg.device)
     t = lambda a: _float64(a, device)  # noqa: E731
 
@@ -99,7 +179,8 @@ def score(pair, cfg, regression_path: Path) -> dict:
         write_array(f, "class_names", np.array(reg.class_names, dtype=str), "class")
         f.attrs["evaluation"] = evaluation
         write_provenance(f, pair, cfg)
-        for name, entry in reg.classes.items():
+        per_class = []
+        for position, (name, entry) in enumerate(reg.classes.items()):
             g = f.create_group(f"classes/{name}")
             rows = entry["evaluation_rows"] if evaluation == "heldout" else entry["regression_rows"]
             if len(rows) < MIN_SCORED_PATCHES:
@@ -123,6 +204,10 @@ def score(pair, cfg, regression_path: Path) -> dict:
             g.attrs["mean_max_correlation_2"] = float(col_max)
             g.attrs["cka"] = float(linear_cka(t(a1.values[rows]), t(a2.values[rows]), debiased=True))
             g.attrs["n_patches"] = len(rows)
+            g.attrs["n_images"] = len(np.unique(a1.image_row[rows]))
+            per_class.append(class_intervals(g, scored_coefficients(entry, evaluation), u1, u2, a1.image_row[rows],
+                                             settings, position, t))
+        write_overall_intervals(f, per_class, settings)
 
     prefix = f"{pair.model1.label}-{pair.layer1}-vs-{pair.model2.label}-{pair.layer2}"
     path = produce(store_dir(cfg), "scores", prefix, content, write)
@@ -176,16 +261,33 @@ def read_scores(path: Path, content: dict | None = None) -> dict:
     with open_artifact(path, "scores", content) as f:
         classes = {}
         for name, g in f["classes"].items():
+            by_direction = lambda key, directions=tuple(DIRECTIONS): {d: g[direction_group(d)][key][()] for d in directions}  # noqa: E731
             classes[name] = {
                 "similarity": {d: g[direction_group(d)]["similarity"][()] for d in DIRECTIONS},
                 "unpredictable": {d: g[direction_group(d)]["unpredictable"][()].astype(bool) for d in DIRECTIONS},
+                "similarity_low": by_direction("similarity_low"),
+                "similarity_high": by_direction("similarity_high"),
+                "undefined_resamples": by_direction("undefined_resamples"),
+                "mean_similarity_interval": {d: (float(g[direction_group(d)].attrs["mean_similarity_low"]),
+                                                 float(g[direction_group(d)].attrs["mean_similarity_high"])) for d in DIRECTIONS},
+                "gap": by_direction("gap", tuple(CROSS.values())),
+                "gap_low": by_direction("gap_low", tuple(CROSS.values())),
+                "gap_high": by_direction("gap_high", tuple(CROSS.values())),
+                "call": {d: np.array(read_strings(g[direction_group(d)]["call"])) for d in CROSS.values()},
+                "mean_max_correlation_interval": (float(g.attrs["mean_max_correlation_low"]),
+                                                  float(g.attrs["mean_max_correlation_high"])),
                 "concept_correlation": g["concept_correlation"][()],
                 "mean_max_correlation_1": float(g.attrs["mean_max_correlation_1"]),
                 "mean_max_correlation_2": float(g.attrs["mean_max_correlation_2"]),
                 "cka": float(g.attrs["cka"]),
                 "n_patches": int(g.attrs["n_patches"]),
             }
-        return {"class_names": read_strings(f["class_names"]), "classes": classes,
+        o = f["overall"].attrs
+        overall = {d: (float(o[f"{d} mean_similarity_low"]), float(o[f"{d} mean_similarity_high"])) for d in DIRECTIONS}
+        overall["mean_max_correlation"] = (float(o["mean_max_correlation_low"]), float(o["mean_max_correlation_high"]))
+        return {"class_names": read_strings(f["class_names"]), "classes": classes, "overall_interval": overall,
+                "intervals": {k: o[k].item() for k in ("n_resamples", "confidence", "seed", "specific_gap",
+                                                       "shared_gap", "min_self")},
                 "config": f.attrs["config"], "evaluation": str(f.attrs["evaluation"])}
 
 
@@ -195,13 +297,20 @@ def result_rows(result: dict) -> list[dict]:
     pair = result.get("pair", {})
     for name, c in result["classes"].items():
         for owner in (1, 2):
-            cross, self_ = c["similarity"][CROSS[owner]], c["similarity"][SELF[owner]]
-            for k in range(len(cross)):
-                rows.append({**pair, "class": name, "owner": f"model{owner}", "concept": k,
-                             "direction": CROSS[owner], "similarity": float(cross[k]),
-                             "unpredictable": bool(c["unpredictable"][CROSS[owner]][k]),
-                             "self_similarity": float(self_[k]),
-                             "self_unpredictable": bool(c["unpredictable"][SELF[owner]][k]), "cka": c["cka"]})
+            cross, self_ = CROSS[owner], SELF[owner]
+            for k in range(len(c["similarity"][cross])):
+                rows.append({**pair, "class": name, "owner": f"model{owner}", "concept": k, "direction": cross,
+                             "similarity": float(c["similarity"][cross][k]),
+                             "unpredictable": bool(c["unpredictable"][cross][k]),
+                             "similarity_low": float(c["similarity_low"][cross][k]),
+                             "similarity_high": float(c["similarity_high"][cross][k]),
+                             "self_similarity": float(c["similarity"][self_][k]),
+                             "self_unpredictable": bool(c["unpredictable"][self_][k]),
+                             "self_similarity_low": float(c["similarity_low"][self_][k]),
+                             "self_similarity_high": float(c["similarity_high"][self_][k]),
+                             "gap": float(c["gap"][cross][k]), "gap_low": float(c["gap_low"][cross][k]),
+                             "gap_high": float(c["gap_high"][cross][k]), "call": str(c["call"][cross][k]),
+                             "undefined_resamples": int(c["undefined_resamples"][cross][k]), "cka": c["cka"]})
     return rows
 
 
@@ -262,35 +371,59 @@ def summary_numbers(result: dict) -> dict:
     return out
 
 
+def _interval(point, low, high) -> str:
+    return f"{console.fmt(point)} [{console.fmt(low, 2)}, {console.fmt(high, 2)}]"
+
+
+def call_counts(result: dict) -> dict[str, int]:
+    from rsvc_cli.algorithms.bootstrap import CALLS
+
+    calls = [str(r["call"]) for r in result_rows(result)]
+    return {call: calls.count(call) for call in CALLS if call in calls}
+
+
 def print_summary(result: dict, n_lowest: int = 12) -> None:
     pair = result.get("pair", {})
     labels = result.get("labels") or {key: pair.get(key) for key in ("model1", "model2")}
     title = f"{labels['model1']} {pair.get('layer1')} (model 1) vs {labels['model2']} {pair.get('layer2')} (model 2)"
+    level = round(100 * result["intervals"]["confidence"])
+
+    def class_mean(c, d):
+        return _interval(_nanmean(c["similarity"][d]), *c["mean_similarity_interval"][d])
+
     console.table(f"per class: {title}", ["class", "2->1", "1->1", "1->2", "2->2", "unpredictable 2->1/1->2",
                                           "mean max corr", "CKA"],
-                  [(name, _nanmean(c["similarity"]["2->1"]), _nanmean(c["similarity"]["1->1"]),
-                    _nanmean(c["similarity"]["1->2"]), _nanmean(c["similarity"]["2->2"]),
+                  [(name, *(class_mean(c, d) for d in ("2->1", "1->1", "1->2", "2->2")),
                     f"{int(c['unpredictable']['2->1'].sum())}/{int(c['unpredictable']['1->2'].sum())}",
-                    (c["mean_max_correlation_1"] + c["mean_max_correlation_2"]) / 2, c["cka"])
+                    _interval((c["mean_max_correlation_1"] + c["mean_max_correlation_2"]) / 2, *c["mean_max_correlation_interval"]),
+                    c["cka"])
                    for name, c in result["classes"].items()],
-                  caption=f"Mean Pearson over concepts (an unpredictable concept counts as 0). \"2->1\": "
-                          f"{direction_text(labels, '2->1')}; 1->1, 2->2: self baselines.")
-    rows = lowest_first(result_rows(result))
+                  caption=f"Mean Pearson over concepts (an unpredictable concept counts as 0) [{level} % bootstrap "
+                          f"interval over images]. \"2->1\": {direction_text(labels, '2->1')}; 1->1, 2->2: self baselines.")
+    # Most model-specific first: the gap to the self baseline we are surest of (its lower bound).
+    rows = sorted(result_rows(result), key=lambda r: -np.inf if np.isnan(r["gap_low"]) else r["gap_low"], reverse=True)
     squares = result.get("square_content")
-    columns = ["class", "concept of", "k", "direction", "similarity", "unpredictable", "self"] + (["square content"] if squares else [])
-    console.table("lowest-similarity concepts (the most model-specific)", columns,
-                  [(r["class"], f"{labels[r['owner']]} ({r['owner']})", r["concept"], r["direction"], r["similarity"],
-                    "yes" if r["unpredictable"] else "", r["self_similarity"],
+    columns = ["class", "concept of", "k", "direction", "similarity", "unpredictable", "self", "gap", "call"] + (["square content"] if squares else [])
+    console.table("most model-specific concepts (by the gap's lower bound)", columns,
+                  [(r["class"], f"{labels[r['owner']]} ({r['owner']})", r["concept"], r["direction"],
+                    _interval(r["similarity"], r["similarity_low"], r["similarity_high"]), "yes" if r["unpredictable"] else "",
+                    _interval(r["self_similarity"], r["self_similarity_low"], r["self_similarity_high"]),
+                    _interval(r["gap"], r["gap_low"], r["gap_high"]), r["call"],
                     *([squares.get((r["class"], r["owner"], r["concept"]))] if squares else []))
                    for r in rows[:n_lowest]],
-                  caption="unpredictable: the other model's features predict a constant (the lasso kept no weight); "
-                          "similarity 0.")
+                  caption="gap = self minus cross similarity on the same resamples; model-specific: gap above "
+                          f"{result['intervals']['specific_gap']} and self baseline at least {result['intervals']['min_self']} "
+                          f"with {level} % confidence. unpredictable: the other model's features predict a constant "
+                          "(the lasso kept no weight); similarity 0.")
     s = summary_numbers(result)
-    console.say(f"overall mean similarity: 2->1 {console.fmt(s['2->1'])}, 1->2 {console.fmt(s['1->2'])}; "
-                f"self 1->1 {console.fmt(s['1->1'])}, 2->2 {console.fmt(s['2->2'])}; "
-                f"mean max concept correlation {console.fmt(s['mean_max_correlation'])}; CKA {console.fmt(s['cka'])}")
+    o = result["overall_interval"]
+    console.say(f"overall mean similarity: 2->1 {_interval(s['2->1'], *o['2->1'])}, 1->2 {_interval(s['1->2'], *o['1->2'])}; "
+                f"self 1->1 {_interval(s['1->1'], *o['1->1'])}, 2->2 {_interval(s['2->2'], *o['2->2'])}; "
+                f"mean max concept correlation {_interval(s['mean_max_correlation'], *o['mean_max_correlation'])}; "
+                f"CKA {console.fmt(s['cka'])}")
     console.say("concepts flagged unpredictable (similarity 0, in the means): "
                 + ", ".join(f"{d} {s['n_unpredictable'][d]}" for d in DIRECTIONS))
     if any(s["n_undefined"].values()):
         console.say("n undefined: true coefficients constant (left out of the means): "
                     + ", ".join(f"{d} {s['n_undefined'][d]}" for d in DIRECTIONS))
+    console.say("calls: " + ", ".join(f"{call} {n}" for call, n in call_counts(result).items()))
