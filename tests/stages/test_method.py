@@ -41,6 +41,10 @@ def test_a_checkpoint_against_itself_matches_its_self_baseline(store, shared_dir
     for c in result["classes"].values():
         np.testing.assert_allclose(np.diag(c["concept_correlation"]), 1.0, atol=1e-6)
         assert c["cka"] == pytest.approx(1.0, abs=1e-6)
+        # self and cross come from the same resamples: no concept of a model is specific to it against itself
+        for direction in ("2->1", "1->2"):
+            assert (c["gap_low"][direction] <= 1e-9).all() and (c["gap_high"][direction] >= -1e-9).all()
+            assert "model-specific" not in set(c["call"][direction])
 
 
 @pytest.mark.slow
@@ -50,6 +54,9 @@ def test_trained_pair_is_more_similar_than_a_random_network(store, shared_dir):
     random = _score(store, "model1=cifar_resnet20", "model2=cifar_resnet56", f"model1.checkpoint={R20}",
                     "model2.random_weights_ok=true")
     assert _mean(trained, "2->1") > _mean(random, "2->1") + 0.1
+    # ... in every class, with 95 % confidence: the class means' intervals do not overlap
+    for name, c in trained["classes"].items():
+        assert random["classes"][name]["mean_similarity_interval"]["2->1"][1] < c["mean_similarity_interval"]["2->1"][0]
     # the self baselines bound the cross predictions on average
     assert _mean(trained, "1->1") > _mean(trained, "2->1")
     # the results table has one row per class x concept x direction
