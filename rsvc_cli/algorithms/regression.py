@@ -40,7 +40,13 @@ __all__ = [
     "cross_validate",
     "CrossValidated",
     "make_regressor",
+    "ALPHA_GRID",
+    "held_out_error",
+    "choose_alpha",
 ]
+
+# Grid of `regression.alpha=cv` (lasso on standardized inputs and targets; the authors' 0.1 in the middle).
+ALPHA_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 # Working sets start at this many features and at least double with the support (Celer's p0; its
 # default of 10 cost two extra rounds on 512 features with supports of about 35).
@@ -838,3 +844,27 @@ def _check_alpha(alpha, name):
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
         raise RsvcError(problem=f"{name} needs regression.alpha >= 0, got {alpha!r}.",
                         fix="Set regression.alpha to a non-negative number (0.1 for the method's lasso).")
+
+
+def held_out_error(Y, held_out_prediction, fold_of_row) -> torch.Tensor:
+    """(B,) cross-validation error of held-out predictions, LassoCV's criterion: per fold the mean
+    squared error over its rows, averaged over folds; summed over targets, each divided by its
+    variance over all rows (so every concept weighs alike; one target: LassoCV's number up to that
+    constant). Y, held_out_prediction (B, n, t); fold_of_row (n,) or (B, n)."""
+    Y, prediction = _as_float64(Y), _as_float64(held_out_prediction)
+    fold_of_row = torch.as_tensor(fold_of_row, device=Y.device).long().expand(Y.shape[:2])
+    n_folds = int(fold_of_row.max()) + 1
+    squared = (Y - prediction).pow(2) / Y.var(-2, unbiased=False, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    one_hot = torch.nn.functional.one_hot(fold_of_row, n_folds).to(Y.dtype)  # (B, n, F)
+    per_fold = (one_hot.mT @ squared) / one_hot.sum(-2).unsqueeze(-1)  # (B, F, t)
+    return per_fold.mean(-2).sum(-1)
+
+
+def choose_alpha(errors, alphas) -> torch.Tensor:
+    """(B,) the alpha of least error per batch entry from errors (n_alphas, B); ties go to the
+    largest alpha (the sparsest model), as LassoCV, which scans alphas from large to small."""
+    errors = _as_float64(errors)
+    alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    order = torch.argsort(alphas, descending=True)
+    best = errors[order].argmin(0)  # first minimum in descending-alpha order
+    return alphas[order][best]

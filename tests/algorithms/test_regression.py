@@ -11,11 +11,14 @@ from sklearn.linear_model import Ridge as SklearnRidge
 from sklearn.preprocessing import StandardScaler
 
 from rsvc_cli.algorithms.regression import (
+    ALPHA_GRID,
     Lasso,
     LinearRegression,
     Ridge,
+    choose_alpha,
     cross_validate,
     grouped_kfold,
+    held_out_error,
     make_regressor,
 )
 from rsvc_cli.errors import RsvcError
@@ -173,6 +176,29 @@ def test_cross_validate_matches_the_sklearn_protocol_per_batch_entry(solver_path
         np.testing.assert_allclose(result.held_out_prediction[index].numpy(), expected, atol=COEF_ATOL)
         np.testing.assert_allclose(result.x_mean_[index].numpy(), x_means, atol=1e-10)
         np.testing.assert_allclose(result.x_scale_[index].numpy(), x_scales, rtol=1e-10)
+
+
+def test_alpha_cv_picks_the_alpha_of_the_sklearn_protocol_on_grouped_folds():
+    """regression.alpha=cv: per batch entry, the grid alpha of least held-out error (LassoCV's
+    criterion: mean over folds of each fold's mean squared error) under the same grouped folds."""
+    X, Y, folds = protocol_problem()
+    X = X + 3.0 * np.random.default_rng(0).standard_normal(X.shape)  # noisy inputs: a middle alpha wins
+    errors = torch.stack([held_out_error(torch.from_numpy(Y), cross_validate(
+        torch.from_numpy(X), torch.from_numpy(Y), folds, Lasso(alpha=a)).held_out_prediction, folds) for a in ALPHA_GRID])
+    chosen = choose_alpha(errors, ALPHA_GRID)
+    for index in range(2):
+        fold_of_row = folds[index].numpy()
+        expected_errors = []
+        for alpha in ALPHA_GRID:
+            predictions = manual_cross_validation(X[index], Y[index], fold_of_row, alpha)[0]
+            per_fold = [((Y[index][fold_of_row == f] - predictions[fold_of_row == f]) ** 2).mean(0) for f in range(4)]
+            expected_errors.append((np.mean(per_fold, 0) / Y[index].var(0)).sum())
+        np.testing.assert_allclose(errors[:, index].numpy(), expected_errors, rtol=1e-6)
+        best = ALPHA_GRID[int(np.argmin(expected_errors))]
+        assert chosen[index].item() == best
+        assert ALPHA_GRID[0] < best < ALPHA_GRID[-1], "the simulation should not pick a grid edge"
+    # ties go to the sparsest model, as LassoCV
+    assert choose_alpha(torch.tensor([[1.0], [1.0], [2.0]]), (0.1, 1.0, 0.01)).item() == 1.0
 
 
 def test_cross_validate_in_chunks_of_batch_entries_gives_the_same_result(monkeypatch):
