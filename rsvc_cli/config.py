@@ -152,7 +152,7 @@ class DecompositionConfig:
 @dataclass
 class RegressionConfig:
     method: str = "lasso"  # lasso | ridge | linear
-    alpha: float = 0.1
+    alpha: Any = 0.1  # a number, or "cv": chosen per class and direction on the regression set
     n_folds: int = 5
     seed: int = 0
     max_iter: int = 5000

@@ -9,6 +9,7 @@ from the training folds only. The five fold models also predict the evaluation s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,47 @@ def prepare_pair(cfg, times: StageTimes | None = None) -> Pair:
 
 
 def regression_params(cfg) -> dict:
+    from rsvc_cli.algorithms.regression import ALPHA_GRID
+
     r = to_plain(cfg.regression)
-    return {k: r[k] for k in ("method", "alpha", "n_folds", "seed", "max_iter", "tol")}
+    params = {k: r[k] for k in ("method", "alpha", "n_folds", "seed", "max_iter", "tol")}
+    if params["alpha"] == "cv":
+        if params["method"] != "lasso":
+            raise RsvcError(f"regression.alpha=cv chooses the lasso's alpha; regression={params['method']} has "
+                            f"{'none' if params['method'] == 'linear' else 'no cross-validated grid here'}.",
+                            "Use regression=lasso with regression.alpha=cv, or give a number.")
+        if str(r["evaluation"]) != "heldout":
+            raise RsvcError("regression.alpha=cv chooses alpha on the regression set's folds, so scoring on "
+                            "those folds (regression.evaluation=crossval) would score the choice on its own data.",
+                            "Use regression.evaluation=heldout with alpha=cv, or give alpha a number.")
+        params["alpha_grid"] = list(ALPHA_GRID)
+    else:
+        try:
+            float(params["alpha"])
+        except (TypeError, ValueError):
+            raise RsvcError(f"regression.alpha={params['alpha']} is neither a number nor cv.",
+                            "Give a number (e.g. regression.alpha=0.1) or regression.alpha=cv.") from None
+    return params
+
+
+def fit_direction(X, Y, folds, X_eval, params: dict, regressor):
+    """Held-out predictions (B, n, t), evaluation predictions (B, n_eval, t) and the alpha (B,) of one
+    direction for a batch of classes. With alpha=cv each class takes the grid alpha of least
+    held-out error on the regression set's grouped folds (the evaluation rows are not read)."""
+    from rsvc_cli.algorithms.regression import Lasso, choose_alpha, cross_validate, held_out_error
+
+    predict = lambda cv: cv.predict(X_eval) if X_eval.shape[1] else torch.zeros((len(X), 0, Y.shape[-1]))  # noqa: E731
+    if params["alpha"] != "cv":
+        cv = cross_validate(X, Y, folds, regressor)
+        return cv.held_out_prediction, predict(cv), np.full(len(X), getattr(regressor, "alpha", np.nan))
+    grid = params["alpha_grid"]
+    fits = [cross_validate(X, Y, folds, Lasso(alpha=a, max_iter=int(params["max_iter"]), tol=float(params["tol"])))
+            for a in grid]
+    chosen = choose_alpha(torch.stack([held_out_error(Y, fit.held_out_prediction, folds).cpu() for fit in fits]), grid)
+    which = [grid.index(float(a)) for a in chosen]
+    held_out = torch.stack([fits[j].held_out_prediction[i] for i, j in enumerate(which)])
+    evaluation = torch.stack([predict(fits[j])[i] for i, j in enumerate(which)])
+    return held_out, evaluation, chosen.numpy()
 
 
 def regression_content(pair: Pair, params: dict, group_by: str) -> dict:
@@ -160,6 +200,8 @@ def regressor_for(params: dict):
     from rsvc_cli.algorithms.regression import Lasso, LinearRegression, Ridge
 
     method = params["method"]
+    if params["alpha"] == "cv":
+        return None  # one per grid alpha, in fit_direction
     if method == "lasso":
         return Lasso(alpha=float(params["alpha"]), max_iter=int(params["max_iter"]), tol=float(params["tol"]))
     if method == "ridge":
@@ -170,7 +212,7 @@ def regressor_for(params: dict):
 
 
 def regress(pair: Pair, cfg) -> Path:
-    from rsvc_cli.algorithms.regression import cross_validate, grouped_kfold
+    from rsvc_cli.algorithms.regression import grouped_kfold
 
     params = regression_params(cfg)
     if int(params["n_folds"]) < 2:
@@ -249,13 +291,14 @@ def regress(pair: Pair, cfg) -> Path:
                 to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
                 # Activations go in their storage precision (cross_validate multiplies them in
                 # float32 and sums in float64); coefficients in float64.
-                cv = cross_validate(to(X), to(Y).double(), torch.from_numpy(folds).to(device), regressor)
-                held_out = cv.held_out_prediction.cpu().numpy()
-                evaluation = cv.predict(to(X_eval)).cpu().numpy() if X_eval.shape[1] else np.zeros((len(names), 0, Y.shape[-1]))
+                held_out, evaluation, alphas = fit_direction(to(X), to(Y).double(), torch.from_numpy(folds).to(device),
+                                                             to(X_eval), params, regressor)
+                held_out, evaluation = held_out.cpu().numpy(), evaluation.cpu().numpy()
                 bar.update(len(names))
                 for i, name in enumerate(names):
                     g = f.require_group(f"classes/{name}/{direction_group(direction)}")
                     g.attrs["direction"] = direction
+                    g.attrs["alpha"] = float(alphas[i])
                     write_array(g, "held_out_prediction", held_out[i].astype(np.float32), "patch,concept")
                     write_array(g, "evaluation_prediction", evaluation[i].astype(np.float32), "patch,concept")
         bar.close()
@@ -266,6 +309,10 @@ def regress(pair: Pair, cfg) -> Path:
         # Those without concepts were said by decompose, once per model.
         concepts_skipped = set(read_concepts(*pair.concepts1).skipped) | set(read_concepts(*pair.concepts2).skipped)
         say_skipped({name: reason for name, reason in read_skipped(f).items() if name not in concepts_skipped})
+    if params["alpha"] == "cv":
+        classes = read_regression(path, content).classes
+        console.table("alpha chosen by grouped cross-validation on the regression set", ["class", *DIRECTIONS],
+                      [(name, *(entry[d]["alpha"] for d in DIRECTIONS)) for name, entry in classes.items()])
     return path
 
 
@@ -285,5 +332,7 @@ def read_regression(path: Path, content: dict) -> RegressionResult:
                 sub = g.get(direction_group(direction))
                 if sub is not None:
                     entry[direction] = {key: sub[key][()] for key in sub}
+                    # Artifacts written before alpha was recorded had the configured one.
+                    entry[direction]["alpha"] = float(sub.attrs.get("alpha", json.loads(f.attrs["config"])["regression"]["alpha"]))
             classes[name] = entry
         return RegressionResult(class_names=read_strings(f["class_names"]), classes=classes, skipped=read_skipped(f))

@@ -194,6 +194,7 @@ def score(pair, cfg, regression_path: Path) -> dict:
                 similarity, unpredictable, _ = similarity_of(scored, device)
                 sub = g.create_group(direction_group(direction))
                 sub.attrs["direction"] = direction
+                sub.attrs["alpha"] = entry[direction]["alpha"]
                 write_array(sub, "similarity", similarity.cpu().numpy(), "concept")
                 write_array(sub, "unpredictable", unpredictable.cpu().numpy(), "concept")
             u1, u2 = entry[f"coefficients1_{suffix}"], entry[f"coefficients2_{suffix}"]
@@ -270,6 +271,7 @@ def read_scores(path: Path, content: dict | None = None) -> dict:
                 "undefined_resamples": by_direction("undefined_resamples"),
                 "mean_similarity_interval": {d: (float(g[direction_group(d)].attrs["mean_similarity_low"]),
                                                  float(g[direction_group(d)].attrs["mean_similarity_high"])) for d in DIRECTIONS},
+                "alpha": {d: float(g[direction_group(d)].attrs["alpha"]) for d in DIRECTIONS},
                 "gap": by_direction("gap", tuple(CROSS.values())),
                 "gap_low": by_direction("gap_low", tuple(CROSS.values())),
                 "gap_high": by_direction("gap_high", tuple(CROSS.values())),
@@ -310,7 +312,8 @@ def result_rows(result: dict) -> list[dict]:
                              "self_similarity_high": float(c["similarity_high"][self_][k]),
                              "gap": float(c["gap"][cross][k]), "gap_low": float(c["gap_low"][cross][k]),
                              "gap_high": float(c["gap_high"][cross][k]), "call": str(c["call"][cross][k]),
-                             "undefined_resamples": int(c["undefined_resamples"][cross][k]), "cka": c["cka"]})
+                             "undefined_resamples": int(c["undefined_resamples"][cross][k]),
+                             "alpha": c["alpha"][cross], "cka": c["cka"]})
     return rows
 
 

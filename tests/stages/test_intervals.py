@@ -55,3 +55,40 @@ def test_bad_interval_settings_stop_with_a_fix(store, override, message):
     cfg = compose("score", *SMALL, f"store={store}", override)
     with pytest.raises(RsvcError, match=message):
         score_stage.score(prepare_pair(cfg), cfg, None)
+
+
+def test_alpha_cv_chooses_on_regression_rows_only_and_is_stored(store, monkeypatch):
+    import rsvc_cli.algorithms.regression as regression
+    from rsvc_cli.stages.regress import read_regression, regression_content, regression_params
+
+    seen_rows = []
+    original = regression.held_out_error
+
+    def recording(Y, prediction, folds):
+        seen_rows.append(Y.shape[-2])
+        return original(Y, prediction, folds)
+
+    monkeypatch.setattr(regression, "held_out_error", recording)
+    lasso = [o for o in SMALL if not o.startswith("regression=")] + ["regression=lasso"]
+    cfg = compose("regress", *lasso, f"store={store}", "regression.alpha=cv")
+    pair = prepare_pair(cfg)
+    path = regress(pair, cfg)
+    reg = read_regression(path, regression_content(pair, regression_params(cfg), "label"))
+    n_regression_rows = {len(entry["regression_rows"]) for entry in reg.classes.values()}
+    assert seen_rows and set(seen_rows) <= n_regression_rows  # the evaluation rows never enter the choice
+    name, entry = next(iter(reg.classes.items()))
+    chosen = entry["2->1"]["alpha"]
+    assert chosen in regression.ALPHA_GRID
+    fixed_cfg = compose("regress", *lasso, f"store={store}", f"regression.alpha={chosen}")
+    fixed = read_regression(regress(pair, fixed_cfg), regression_content(pair, regression_params(fixed_cfg), "label"))
+    for key in ("held_out_prediction", "evaluation_prediction"):
+        np.testing.assert_allclose(entry["2->1"][key], fixed.classes[name]["2->1"][key], atol=1e-6)
+
+
+def test_alpha_cv_refuses_scoring_on_its_own_folds(store):
+    from rsvc_cli.stages.regress import regression_params
+
+    with pytest.raises(RsvcError, match="crossval"):
+        regression_params(compose("regress", "regression=lasso", "regression.alpha=cv", "regression.evaluation=crossval"))
+    with pytest.raises(RsvcError, match="lasso"):
+        regression_params(compose("regress", "regression=ridge", "regression.alpha=cv"))
