@@ -87,7 +87,7 @@ class ImageBootstrap:
     def constant(self, values) -> torch.Tensor:
         """(B, k): True where ``values`` (n_patches, k) takes one value on all patches of a resample.
 
-        Exact, by matrix products too: a resample is constant iff it draws no image whose values
+        Exact, by one matrix product too: a resample is constant iff it draws no image whose values
         vary and the images it draws share one value. Each image's value gets an integer id, and
         ids are equal iff n * sum(id^2) == (sum id)^2 over the drawn images (exact in float64
         for ids and counts far below 2^17).
@@ -96,13 +96,19 @@ class ImageBootstrap:
         low, high = self._image_range(values)
         _, ids = torch.unique(low, return_inverse=True)
         ids = ids.to(torch.float64)
-        drawn = self._drawn.to(values.device)
-        varying = drawn @ (high > low).to(torch.float64).reshape(self.n_images_, -1)
-        first, second = drawn @ ids.reshape(self.n_images_, -1), drawn @ (ids * ids).reshape(self.n_images_, -1)
-        constant = (varying == 0) & (self._n_drawn.to(values.device) * second == first * first)
-        return constant.reshape(len(drawn), *values.shape[1:])
+        per_image = torch.stack([(high > low).to(torch.float64), ids, ids * ids])  # (3, n_images, ...)
+        varying, first, second = (self._drawn.to(values.device) @ per_image.transpose(0, 1).reshape(self.n_images_, -1)) \
+            .reshape(len(self._drawn), 3, *values.shape[1:]).unbind(1)
+        return (varying == 0) & (self._n_drawn.to(values.device).view(-1, *[1] * (values.ndim - 1)) * second == first * first)
 
     # Statistics -------------------------------------------------------------------------------
+    def _resampled_sums(self, *blocks: torch.Tensor) -> list[torch.Tensor]:
+        """Per resample, the patch count (B, 1) and the column sums of each block (n_patches, m):
+        all in one (resamples x images) @ (images x statistics) product."""
+        ones = torch.ones(len(blocks[0]), 1, dtype=blocks[0].dtype, device=blocks[0].device)
+        sums = self._resampled(self._image_sums(torch.cat([ones, *blocks], 1)))
+        return list(sums.split([1, *(block.shape[1] for block in blocks)], 1))
+
     def pearson(self, true, predicted) -> torch.Tensor:
         """(B, k) Pearson of true vs predicted coefficients (n_patches, k) on each resample.
 
@@ -114,10 +120,7 @@ class ImageBootstrap:
             raise RsvcError(f"Bootstrap Pearson needs true and predicted coefficients of the fitted "
                             f"{len(self.image_of_patch_)} patches; got {tuple(x.shape)} and {tuple(y.shape)}.",
                             "Pass both for the same patches as the image index.")
-        n = self._resampled(self._image_sums(torch.ones(len(x), 1, dtype=x.dtype)))
-        sx, sy = self._resampled(self._image_sums(x)), self._resampled(self._image_sums(y))
-        sxx, syy = self._resampled(self._image_sums(x * x)), self._resampled(self._image_sums(y * y))
-        sxy = self._resampled(self._image_sums(x * y))
+        n, sx, sy, sxx, syy, sxy = self._resampled_sums(x, y, x * x, y * y, x * y)
         r = _pearson_from_sums(n, sx, sy, sxx, syy, sxy)
         x_constant, y_constant = self.constant(true), self.constant(predicted)
         r = torch.where(y_constant, 0.0, r)
@@ -127,10 +130,9 @@ class ImageBootstrap:
         """(B, k1, k2) Pearson tables between U1 (n, k1) and U2 (n, k2) per resample; NaN rows
         (columns) for concepts constant on the resample, as ``metrics.concept_correlation``."""
         u1, u2 = _centred(coefficients1), _centred(coefficients2)
-        n = self._resampled(self._image_sums(torch.ones(len(u1), 1, dtype=u1.dtype))).unsqueeze(-1)
-        s1, s2 = self._resampled(self._image_sums(u1)), self._resampled(self._image_sums(u2))
-        s11, s22 = self._resampled(self._image_sums(u1 * u1)), self._resampled(self._image_sums(u2 * u2))
-        s12 = self._resampled(self._image_sums(u1.unsqueeze(-1) * u2.unsqueeze(-2)))
+        products = (u1.unsqueeze(-1) * u2.unsqueeze(-2)).reshape(len(u1), -1)
+        n, s1, s2, s11, s22, s12 = self._resampled_sums(u1, u2, u1 * u1, u2 * u2, products)
+        n, s12 = n.unsqueeze(-1), s12.reshape(len(s12), u1.shape[1], u2.shape[1])
         table = _pearson_from_sums(n, s1.unsqueeze(-1), s2.unsqueeze(-2), s11.unsqueeze(-1), s22.unsqueeze(-2), s12)
         undefined = self.constant(coefficients1).unsqueeze(-1) | self.constant(coefficients2).unsqueeze(-2)
         return torch.where(undefined, torch.nan, table)
@@ -173,7 +175,7 @@ def percentile_interval(samples, confidence: float = 0.95) -> tuple[np.ndarray, 
     return low, high, undefined
 
 
-def concept_calls(gap_low, gap_high, self_low, self_high, defined=None, specific_gap: float = 0.2,
+def concept_calls(gap_low, gap_high, self_low, self_high, defined=None, specific_gap: float = 0.4,
                   shared_gap: float = 0.1, min_self: float = 0.5) -> np.ndarray:
     """One call per concept from its gap (self minus cross) and self-baseline intervals.
 

@@ -126,12 +126,14 @@ def test_seeded_resamples_repeat():
 
 def test_calls_follow_the_intervals():
     #                       specific  shared  unreliable  uncertain  low self but shared gap  undefined
-    gap_low = np.array([0.30, -0.05, 0.30, 0.05, -0.02, np.nan])
-    gap_high = np.array([0.50, 0.08, 0.60, 0.40, 0.05, np.nan])
+    gap_low = np.array([0.45, -0.05, 0.30, 0.05, -0.02, np.nan])
+    gap_high = np.array([0.60, 0.08, 0.60, 0.40, 0.05, np.nan])
     self_low = np.array([0.80, 0.90, 0.10, 0.90, 0.20, np.nan])
     self_high = np.array([0.95, 0.95, 0.45, 0.95, 0.40, np.nan])
     defined = np.array([True, True, True, True, True, False])
     calls = concept_calls(gap_low, gap_high, self_low, self_high, defined)
     assert list(calls) == ["model-specific", "shared", "unreliable", "uncertain", "unreliable", "undefined"]
     # A weak self baseline (lower bound 0.45) blocks the model-specific call however big the gap.
-    assert concept_calls([0.3], [0.5], [0.45], [0.9])[0] == "uncertain"
+    assert concept_calls([0.5], [0.6], [0.45], [0.9])[0] == "uncertain"
+    # A gap surely above 0.2 but not 0.4 (two similar trained models) is no call by default.
+    assert concept_calls([0.3], [0.5], [0.9], [0.95])[0] == "uncertain"
