@@ -14,7 +14,8 @@ from rsvc_cli.stages import score as score_stage
 from rsvc_cli.stages.regress import prepare_pair, regress
 
 SMALL = ["model1=test_resnet", "model2=test_resnet", "layer1=layer2", "layer2=layer3", "dataset.n_classes=2",
-         "dataset.images_per_class=15", "decomposition.n_concepts=3", "regression=ridge", "importance.enabled=false"]
+         "dataset.images_per_class=15", "decomposition.n_concepts=3", "regression=ridge", "importance.enabled=false",
+         "model1.random_weights_ok=true", "model2.random_weights_ok=true"]
 
 
 def _score(store, *overrides):
