@@ -301,19 +301,21 @@ def result_rows(result: dict) -> list[dict]:
         for owner in (1, 2):
             cross, self_ = CROSS[owner], SELF[owner]
             for k in range(len(c["similarity"][cross])):
-                rows.append({**pair, "class": name, "owner": f"model{owner}", "concept": k, "direction": cross,
-                             "similarity": float(c["similarity"][cross][k]),
-                             "unpredictable": bool(c["unpredictable"][cross][k]),
-                             "similarity_low": float(c["similarity_low"][cross][k]),
-                             "similarity_high": float(c["similarity_high"][cross][k]),
-                             "self_similarity": float(c["similarity"][self_][k]),
-                             "self_unpredictable": bool(c["unpredictable"][self_][k]),
-                             "self_similarity_low": float(c["similarity_low"][self_][k]),
-                             "self_similarity_high": float(c["similarity_high"][self_][k]),
-                             "gap": float(c["gap"][cross][k]), "gap_low": float(c["gap_low"][cross][k]),
-                             "gap_high": float(c["gap_high"][cross][k]), "call": str(c["call"][cross][k]),
-                             "undefined_resamples": int(c["undefined_resamples"][cross][k]),
-                             "alpha": c["alpha"][cross], "cka": c["cka"]})
+                row = {**pair, "class": name, "owner": f"model{owner}", "concept": k, "direction": cross,
+                       "similarity": float(c["similarity"][cross][k]),
+                       "unpredictable": bool(c["unpredictable"][cross][k]),
+                       "self_similarity": float(c["similarity"][self_][k]),
+                       "self_unpredictable": bool(c["unpredictable"][self_][k]), "cka": c["cka"]}
+                if "gap" in c:  # read from a scores artifact (results assembled in memory may have no intervals)
+                    row.update({
+                        "similarity_low": float(c["similarity_low"][cross][k]),
+                        "similarity_high": float(c["similarity_high"][cross][k]),
+                        "self_similarity_low": float(c["similarity_low"][self_][k]),
+                        "self_similarity_high": float(c["similarity_high"][self_][k]),
+                        "gap": float(c["gap"][cross][k]), "gap_low": float(c["gap_low"][cross][k]),
+                        "gap_high": float(c["gap_high"][cross][k]), "call": str(c["call"][cross][k]),
+                        "undefined_resamples": int(c["undefined_resamples"][cross][k]), "alpha": c["alpha"][cross]})
+                rows.append(row)
     return rows
 
 
