@@ -119,6 +119,10 @@ def class_intervals(g, scored: dict, u1, u2, image_row: np.ndarray, settings: di
     for direction in OWNER:
         sub = g[direction_group(direction)]
         resampled[direction] = boot.pearson(t(scored[direction].true), t(scored[direction].predicted)).cpu()
+        # An unpredictable concept scores 0 on every resample (under crossval its held-out prediction is
+        # constant within each fold, not overall, so the resampled Pearson alone would not say 0).
+        unpredictable = torch.from_numpy(sub["unpredictable"][()].astype(bool))
+        resampled[direction] = torch.where(unpredictable & ~resampled[direction].isnan(), 0.0, resampled[direction])
         low, high, undefined = interval(resampled[direction])
         write_array(sub, "similarity_low", low, "concept")
         write_array(sub, "similarity_high", high, "concept")
