@@ -65,7 +65,9 @@ def _race_results_table(path: str, barrier, n_writes: int) -> None:
     from rsvc_cli.stages.score import write_results_table
 
     similarity = {d: np.linspace(0, 1, 10) for d in ("2->1", "1->2", "1->1", "2->2")}
-    result = {"classes": {f"class{c}": {"similarity": similarity, "cka": 0.5} for c in range(20)}}
+    unpredictable = {d: np.zeros(10, dtype=bool) for d in similarity}
+    result = {"classes": {f"class{c}": {"similarity": similarity, "unpredictable": unpredictable, "cka": 0.5}
+                          for c in range(20)}}
     barrier.wait()
     for _ in range(n_writes):
         write_results_table(Path(path), result)
