@@ -9,6 +9,7 @@ that table (`<scores>.times.json`, the latest run's), so where a run spends its 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -58,14 +59,15 @@ def run(cfg) -> dict:
         console.say(f"[bold]report:[/bold] {result['report']}")
     result["times"] = write_stage_times(result["path"].with_suffix(".times.json"), times, pair, cfg)
     times.show()
-    console.say(f"stage times: {result['times']}")
+    console.say(f"stage times: {result['times']}" if result["times"] is not None
+                else "stage times not stored: the store is read-only")
     if random_weights(cfg):  # said again at the end, where the summary is read
         console.say(f"[bold yellow]{RANDOM_WEIGHTS_BANNER.upper()}[/bold yellow]: {', '.join(random_weights(cfg))} "
                     "compared with random weights (random_weights_ok=true).")
     return result
 
 
-def write_stage_times(path: Path, times: console.StageTimes, pair, cfg) -> Path:
+def write_stage_times(path: Path, times: console.StageTimes, pair, cfg) -> Path | None:
     """The run's stage times with what they depend on most: forward-pass precision, device, threads."""
     import torch
 
@@ -82,6 +84,12 @@ def write_stage_times(path: Path, times: console.StageTimes, pair, cfg) -> Path:
         "torch_threads": torch.get_num_threads(),
     }
     tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as err:
+        # A read-only store still serves every run whose artifacts it holds: the times are only shown.
+        if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return None
+        raise
     os.replace(tmp, path)
     return path
