@@ -4,6 +4,10 @@ PYTHON ?= python3
 # Override for your platform, e.g. `make install TORCH_PINS="torch==2.5.1 torchvision==0.20.1"`.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# The full suite in two worker processes (pytest-xdist, a dev dependency): a module's tests share a
+# worker and its fixtures, the planted seeds and kill -9 trials spread (tests/conftest.py). Serial:
+# `make test XDIST=`.
+XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
 export HF_HUB_OFFLINE := 1
 
@@ -17,7 +21,7 @@ demo: install
 	rsvc compare experiment=planted_synthetic
 
 test: install browser
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -22,6 +22,34 @@ CHECKPOINTS = {
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RSVC_PROGRESS", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on what is often a 2-core machine: one thread each
+    # (torch, its OpenMP pool, numba; read when they load, and the imports above load neither).
+    # Two threads per worker spin against each other on 2 cores.
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) a module's tests run in one worker, so
+    its module-scoped fixtures (a sweep, a trained pair, two determinism runs) are built once. Tests
+    with a group of their own (the planted seeds: the longest) or in a module that sets
+    XDIST_SPREAD = True (kill -9 chains, fault injection: a worker builds the reference run once
+    per session) are scheduled apart. Those go first, then the other slow tests, so the last
+    minutes are not one long group running alone."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+
+    def order(item) -> int:
+        if item.get_closest_marker("xdist_group") is not None:
+            return 0
+        if getattr(item.module, "XDIST_SPREAD", False):
+            return 1 if item.get_closest_marker("slow") else 3
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        return 2 if item.get_closest_marker("slow") else 3
+
+    items.sort(key=order)  # stable: collection order within each rank
 
 
 @pytest.fixture(autouse=True)

@@ -40,6 +40,9 @@ BROKEN = ["model2=custom", "model2.input_size=32", "layer2=features"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# pytest-xdist schedules each test on its own: a worker builds the reference once (tests/conftest.py).
+XDIST_SPREAD = True
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

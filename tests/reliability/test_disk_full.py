@@ -32,6 +32,9 @@ MESSAGE_PARTS = ("No space left", "Free disk space")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# pytest-xdist schedules each test on its own: a worker builds the reference once (tests/conftest.py).
+XDIST_SPREAD = True
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

@@ -63,6 +63,9 @@ DELAY_SHARE = 0.6
 # drawn over the duration that run just showed.
 ATTEMPTS = 3
 
+# pytest-xdist schedules each test on its own: a worker builds the reference once (tests/conftest.py).
+XDIST_SPREAD = True
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

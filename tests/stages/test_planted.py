@@ -177,6 +177,12 @@ def _visible_squares(png_path) -> int:
 SEEDS = [0, 1, 2]
 
 
+def _seeds(experiment: str) -> list:
+    """The seeds as parameters, each in its own pytest-xdist group (`make test` runs two workers): a
+    seed's models are trained once, in the worker that runs every test of that seed."""
+    return [pytest.param(seed, marks=pytest.mark.xdist_group(f"planted_{experiment}_{seed}")) for seed in SEEDS]
+
+
 def _seed_overrides(seed: int) -> list[str]:
     return [f"model1.train.seed={seed}", f"model2.train.seed={seed}", f"model1.train.dataset.planting.seed={seed + 1}",
             f"model2.train.dataset.planting.seed={seed + 1}", f"dataset.planting.seed={seed + 2}"]
@@ -198,6 +204,15 @@ def _assert_shortcut_learned_by_model1_only(check: dict) -> None:
     m1, m2 = check["shortcut"]["model1"], check["shortcut"]["model2"]
     assert m1["with"] >= planted.SHORTCUT_RATIO_MIN * m1["without"] and m1["with"] >= planted.SHORTCUT_RATE_MIN, m1
     assert m2["with"] - m2["without"] <= planted.MODEL2_INCREASE_MAX, m2
+
+
+def _margins(check: dict) -> str:
+    """The numbers both checks compare with their thresholds (in the JUnit XML: docs/testing.md)."""
+    m1, m2, concept = check["shortcut"]["model1"], check["shortcut"]["model2"], check["square_concept"]
+    return (f"model 1 shortcut rate {m1['with']:.3f} (without the square {m1['without']:.3f}), model 2 increase "
+            f"{m2['with'] - m2['without']:+.3f}; square concept content {concept['square_content']:.2f}, "
+            f"2->1 similarity {concept['similarity']:.3f} against a square-free median of "
+            f"{concept['square_free_median']:.3f}")
 
 
 def _assert_square_concept_found_and_unique(check: dict) -> None:
@@ -239,34 +254,37 @@ def cifar_checks(tmp_path_factory, shared_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
-def test_planted_synthetic_shortcut_is_learned_on_every_seed(seed, synthetic_checks):
-    check = synthetic_checks(seed)
-    assert check["planted_class"] == load_image_sets(compose("compare", "experiment=planted_synthetic").dataset).class_names[0]
-    _assert_shortcut_learned_by_model1_only(check)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
-def test_planted_synthetic_square_concept_is_unique_to_model1(seed, synthetic_checks):
-    _assert_square_concept_found_and_unique(synthetic_checks(seed))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
-def test_planted_cifar_shortcut_is_learned_on_every_seed(seed, cifar_checks):
+@pytest.mark.parametrize("seed", _seeds("cifar"))
+def test_planted_cifar_shortcut_is_learned_on_every_seed(seed, cifar_checks, record_property):
     check = cifar_checks(seed)
+    record_property("margins", _margins(check))
     assert check["planted_class"] == "airplane"
     _assert_shortcut_learned_by_model1_only(check)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", _seeds("cifar"))
 def test_planted_cifar_square_concept_is_unique_to_model1(seed, cifar_checks):
     _assert_square_concept_found_and_unique(cifar_checks(seed))
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", _seeds("synthetic"))
+def test_planted_synthetic_shortcut_is_learned_on_every_seed(seed, synthetic_checks, record_property):
+    check = synthetic_checks(seed)
+    record_property("margins", _margins(check))
+    assert check["planted_class"] == load_image_sets(compose("compare", "experiment=planted_synthetic").dataset).class_names[0]
+    _assert_shortcut_learned_by_model1_only(check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", _seeds("synthetic"))
+def test_planted_synthetic_square_concept_is_unique_to_model1(seed, synthetic_checks):
+    _assert_square_concept_found_and_unique(synthetic_checks(seed))
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("planted_synthetic_0")  # reuses seed 0's models from synthetic_store
 def test_demo_trains_both_models_once_compares_and_reports(synthetic_store):
     """`rsvc compare experiment=planted_synthetic` (make demo): trains, caches, reports, prints the checks."""
     from rsvc_cli.stages import compare
