@@ -23,8 +23,12 @@ demo: install
 test: install browser
 	$(PYTHON) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
+# The edit-test loop: unit tests and agreement with scikit-learn/scipy, no pipelines on real data, no
+# subprocess runs or browser (docs/testing.md). `make test` runs everything.
+FAST_TESTS ?= tests/algorithms tests/data tests/models tests/store tests/viz tests/cli
+
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -m "not slow and not subprocess and not browser" $(FAST_TESTS) $(PYTEST_ARGS)
 
 # Debian's Chromium for the report's browser test (Playwright drives it; no browser download).
 browser:
