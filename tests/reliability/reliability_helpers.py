@@ -7,10 +7,14 @@ Not a conftest.py on purpose: the other test folders import the top-level tests/
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -81,9 +85,126 @@ def rsvc_command(*args: str, console_script: bool = False) -> list[str]:
 
 
 def run_rsvc(*args: str, cwd: Path, console_script: bool = False, env: dict | None = None,
-             timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(rsvc_command(*args, console_script=console_script), cwd=cwd,
-                          env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+             timeout: float = RUN_TIMEOUT, killpoint: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """Run rsvc to the end. Runs of the command itself (`console_script`, another environment) start
+    a fresh interpreter; the others are forked from the warm process (WarmRsvc), which is the same
+    process minus 5 s of imports."""
+    if console_script or env is not None:
+        assert killpoint is None, "kill points are armed in forked runs"
+        return subprocess.run(rsvc_command(*args, console_script=console_script), cwd=cwd,
+                              env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    run = WarmRsvc.shared().start(list(args), cwd, killpoint=killpoint)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(run.stdout.read()), daemon=True)
+    reader.start()
+    err = run.stderr.read()
+    code = run.wait(timeout)
+    reader.join(10)
+    return subprocess.CompletedProcess(["rsvc", *args], code, "".join(out), err)
+
+
+# ------------------------------------------------------------------------------ warm runs
+
+class ForkedRun:
+    """A run forked by the warm process: the part of subprocess.Popen the tests use."""
+
+    def __init__(self, server: "WarmRsvc", pid: int, stdout, stderr):
+        self.server, self.pid, self.stdout, self.stderr = server, pid, stdout, stderr
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        status = self.server.exit_status(self.pid, block=False)
+        if status is not None:
+            self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.server.exit_status(self.pid, block=True, timeout=timeout)
+        return self.poll()
+
+    def kill(self) -> None:
+        """SIGKILL, as `kill -9` sends it."""
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+class WarmRsvc:
+    """The client of tests/reliability/warm_rsvc.py: one per test process (and per environment
+    of subprocess_env()), started on first use, ended when the tests end."""
+
+    _shared: "WarmRsvc | None" = None
+
+    @classmethod
+    def shared(cls) -> "WarmRsvc":
+        if cls._shared is None or cls._shared.process.poll() is not None:
+            cls._shared = cls(subprocess_env())
+        return cls._shared
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server = Path(__file__).resolve().parent / "warm_rsvc.py"
+        # Its stdout is not ours: under pytest-xdist this process's stdout is the worker's channel.
+        self.process = subprocess.Popen([sys.executable, str(server), str(theirs.fileno())], env=env,
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL)
+        theirs.close()
+        self.lock = threading.Lock()
+        self.changed = threading.Condition()
+        self.started: dict[int, int] = {}  # request number -> pid
+        self.requests = 0
+        self.statuses: dict[int, int] = {}
+        threading.Thread(target=self._listen, daemon=True).start()
+        atexit.register(self.close)
+
+    def _listen(self) -> None:
+        while True:
+            message = self.channel.recv(256).decode()
+            if not message:
+                return
+            what, first, second = message.split()
+            with self.changed:
+                if what == "started":
+                    self.started[int(first)] = int(second)
+                    self.statuses.pop(int(second), None)  # a reused pid (pid_max may be 32768)
+                else:
+                    self.statuses[int(first)] = int(second)
+                self.changed.notify_all()
+
+    def start(self, args: list[str], cwd: Path, killpoint: tuple[str, int] | None = None,
+              capture_stdout: bool = True) -> ForkedRun:
+        """Fork a run; its stderr is always a pipe, its stdout a pipe or /dev/null."""
+        out_read, out_write = os.pipe() if capture_stdout else (None, os.open(os.devnull, os.O_WRONLY))
+        err_read, err_write = os.pipe()
+        with self.lock:
+            self.requests += 1
+            number = self.requests
+            request = {"number": number, "args": args, "cwd": str(cwd), "env": self.env, "killpoint": killpoint}
+            socket.send_fds(self.channel, [json.dumps(request).encode()], [out_write, err_write])
+            os.close(out_write)
+            os.close(err_write)
+            with self.changed:
+                # The first request waits for the imports too (a minute on a loaded 2-core machine).
+                if not self.changed.wait_for(lambda: number in self.started or self.process.poll() is not None,
+                                             timeout=RUN_TIMEOUT) or number not in self.started:
+                    raise RuntimeError(f"the warm rsvc process did not start the run (exit {self.process.poll()})")
+                pid = self.started.pop(number)
+        stdout = None if out_read is None else os.fdopen(out_read, "r", encoding="utf-8", errors="replace")
+        stderr = os.fdopen(err_read, "r", encoding="utf-8", errors="replace", buffering=1)
+        return ForkedRun(self, pid, stdout, stderr)
+
+    def exit_status(self, pid: int, block: bool, timeout: float | None = None) -> int | None:
+        with self.changed:
+            if block and not self.changed.wait_for(lambda: pid in self.statuses, timeout=timeout):
+                raise subprocess.TimeoutExpired(f"rsvc (pid {pid})", timeout)
+            return self.statuses.get(pid)
+
+    def close(self) -> None:
+        try:
+            self.channel.close()
+            self.process.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
 
 
 # ------------------------------------------------------------------------------------ store state
@@ -210,8 +331,12 @@ class Watched:
 
     @classmethod
     def start_rsvc(cls, *args: str, cwd: Path, env: dict | None = None) -> "Watched":
-        proc = subprocess.Popen(rsvc_command(*args), cwd=cwd, env=env or subprocess_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
+        """Start rsvc: forked from the warm process (WarmRsvc), or a fresh interpreter in another `env`."""
+        if env is None:
+            proc = WarmRsvc.shared().start(list(args), cwd, capture_stdout=False)
+        else:
+            proc = subprocess.Popen(rsvc_command(*args), cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, bufsize=1)
         watched = cls(proc=proc, start=time.monotonic())
         watched.reader = threading.Thread(target=watched._read, daemon=True)
         watched.reader.start()

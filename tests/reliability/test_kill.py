@@ -1,6 +1,7 @@
 """kill -9 at seeded random moments inside every stage of `rsvc compare`, then rerun.
 
-Each chain starts from an empty store and runs the real CLI in a subprocess again and again, each
+Each chain starts from an empty store and runs the real CLI in a process of its own again and again
+(forked from a warm process that has done the imports: reliability_helpers.WarmRsvc), each
 run killed (SIGKILL: no handler, no flush) at a random moment inside one stage: extract (twice),
 decompose, regress, score, importance, collage/report. The moment is drawn uniformly over the
 stage's duration in an uninterrupted reference run (its first 60%, for timing jitter), counted
@@ -22,10 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +31,6 @@ import pytest
 from reliability_helpers import (
     ARTIFACT_LINE,
     FAST,
-    RUN_TIMEOUT,
     STAGE_ARTIFACTS,
     STAGE_KIND,
     STAGES,
@@ -46,10 +43,7 @@ from reliability_helpers import (
     report_images,
     run_rsvc,
     stage_ends,
-    subprocess_env,
 )
-
-HERE = Path(__file__).resolve().parent
 
 # Which stage each run of a chain aims at; 3 chains x 7 = 21 kills.
 KILL_TARGETS = ("extract", "extract", "decompose", "regress", "score", "importance", "collage")
@@ -181,9 +175,7 @@ KILL_POINTS = [("before-rename", 1), ("before-rename", 5), ("after-rename", 3), 
 @pytest.mark.parametrize("point, nth", KILL_POINTS, ids=[f"{p}-{n}" for p, n in KILL_POINTS])
 def test_kill_9_at_exact_points_of_the_artifact_protocol(reference, tmp_path, point, nth):
     store = tmp_path / "store"
-    killed = subprocess.run([sys.executable, str(HERE / "killpoints.py"), point, str(nth), "compare", *FAST,
-                             f"store={store}"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT)
+    killed = run_rsvc("compare", *FAST, f"store={store}", cwd=tmp_path, killpoint=(point, nth))  # killpoints.py
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert_all_artifacts_usable(store)
     assert_same_artifacts(store, reference.store, subset=True)
