@@ -24,12 +24,12 @@ runtime.configure()  # as the rsvc command does, before torch loads (both sides 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy.optimize import linear_sum_assignment  # noqa: E402
 from sklearn.decomposition import NMF as SklearnNMF  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from rsvc_cli.algorithms.decomposition import NMF, NMF_SOLVERS  # noqa: E402
+from rsvc_cli.algorithms.stability import matched_cosines  # noqa: E402
 
 # A class whose matched concepts fall below this cosine has reached another optimum.
 SAME_OPTIMUM_COSINE = 0.99
@@ -48,11 +48,8 @@ def make_activations(n_classes, n_samples, n_features, n_parts=20, seed=0):
 
 
 def min_matched_cosine(basis, reference):
-    a = basis / np.linalg.norm(basis, axis=1, keepdims=True).clip(1e-30)
-    b = reference / np.linalg.norm(reference, axis=1, keepdims=True).clip(1e-30)
-    cosine = a @ b.T
-    rows, columns = linear_sum_assignment(-cosine)
-    return float(cosine[rows, columns].min())
+    """The smallest cosine between concepts paired one-to-one (Hungarian) for the largest summed cosine."""
+    return float(matched_cosines(basis, reference).min())
 
 
 def _sync(device):

@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans as SklearnKMeans
 from sklearn.decomposition import NMF as SklearnNMF
 from sklearn.decomposition import PCA as SklearnPCA
@@ -21,6 +20,7 @@ from rsvc_cli.algorithms.decomposition import (
     apply_sign_treatment,
     make_decomposition,
 )
+from rsvc_cli.algorithms.stability import matched_cosines
 from rsvc_cli.errors import RsvcError
 
 # Our NMF's reconstruction error may exceed scikit-learn's (same init, max_iter) by at most this:
@@ -46,12 +46,8 @@ def planted_low_rank(seed, n=300, d=40, rank=5, noise=0.0):
 
 
 def min_matched_cosine(basis, reference):
-    """The smallest cosine between concepts paired one-to-one (Hungarian) for the largest total."""
-    a = basis / np.linalg.norm(basis, axis=1, keepdims=True).clip(1e-300)
-    b = reference / np.linalg.norm(reference, axis=1, keepdims=True).clip(1e-300)
-    cosine = a @ b.T
-    rows, columns = linear_sum_assignment(-cosine)
-    return float(cosine[rows, columns].min())
+    """The smallest cosine between concepts paired one-to-one (Hungarian) for the largest summed cosine."""
+    return float(matched_cosines(basis, reference).min())
 
 
 def activation_like(seed, n_classes=3, n=400, d=48):

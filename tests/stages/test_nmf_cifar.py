@@ -14,7 +14,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import NMF as SklearnNMF
 from sklearn.exceptions import ConvergenceWarning
 
@@ -22,6 +21,7 @@ from conftest import CHECKPOINTS, CIFAR_TEST, compose
 from rsvc_cli.algorithms.decomposition import _nndsvd
 from rsvc_cli.stages.common import load_image_sets, load_model
 from rsvc_cli.stages.decompose import CONCEPT_SET, activations_for, decompose, read_activations
+from rsvc_cli.algorithms.stability import matched_cosines
 
 # The issue's acceptance figures: matched bases (cosine) in at least 19 of the 20 fits, and an
 # error never above scikit-learn's by more than this, relative.
@@ -74,12 +74,8 @@ def _sklearn_from_same_start(class_activations, decomposition):
 
 
 def _min_matched_cosine(basis, reference):
-    """The smallest cosine between concepts paired one-to-one so that the summed cosine is largest."""
-    a = basis / np.linalg.norm(basis, axis=1, keepdims=True).clip(1e-300)
-    b = reference / np.linalg.norm(reference, axis=1, keepdims=True).clip(1e-300)
-    cosine = a @ b.T
-    rows, columns = linear_sum_assignment(-cosine)
-    return float(cosine[rows, columns].min())
+    """The smallest cosine between concepts paired one-to-one (Hungarian) for the largest summed cosine."""
+    return float(matched_cosines(basis, reference).min())
 
 
 @pytest.mark.slow
