@@ -19,6 +19,10 @@ CHECKPOINTS = {
     "cifar_resnet56": CIFAR_MODELS / "resnet56-4bfd9763.th",
     "tiniest": CIFAR_MODELS / "tiniest.pt",
 }
+# With a preset that counts images per set (cifar_r20_vs_r56), what a test needs to give
+# dataset.images_per_class and dataset.split instead.
+PER_CLASS_COUNT = ("dataset.images_per_set.concept=null", "dataset.images_per_set.regression=null",
+                   "dataset.images_per_set.evaluation=null")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RSVC_PROGRESS", "0")

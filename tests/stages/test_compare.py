@@ -100,12 +100,13 @@ def test_cifar_comparison_from_the_repository_root_prints_per_class_similarities
     store = tmp_path / "store"
     first = _rsvc_compare(store, *SMALL_CIFAR)
 
-    # The per-class table: one row per class with four direction means and the layer summaries.
+    # The per-class table: one row per class with four direction means (each with its interval, which
+    # wraps onto the next line), the unpredictable counts ("0/0") and the layer summaries.
     rows = {}
     for line in first.stdout.splitlines():
         cells = [cell.strip() for cell in re.split(r"[│┃]", line)[1:-1]]
-        if cells and cells[0] in CLASSES and len(cells) == 7:
-            rows[cells[0]] = [float(c) for c in cells[1:]]
+        if cells and cells[0] in CLASSES and len(cells) == 8:
+            rows[cells[0]] = [float(re.match(r"-?\d+(\.\d+)?", c).group()) for c in cells[1:] if "/" not in c]
     assert sorted(rows) == sorted(CLASSES), first.stdout
     assert all(-1 <= value <= 1 for values in rows.values() for value in values)
 

@@ -17,7 +17,7 @@ import torch
 from sklearn.decomposition import NMF as SklearnNMF
 from sklearn.exceptions import ConvergenceWarning
 
-from conftest import CHECKPOINTS, CIFAR_TEST, compose
+from conftest import CHECKPOINTS, CIFAR_TEST, PER_CLASS_COUNT, compose
 from rsvc_cli.algorithms.decomposition import _nndsvd
 from rsvc_cli.stages.common import load_image_sets, load_model
 from rsvc_cli.stages.decompose import CONCEPT_SET, activations_for, decompose, read_activations
@@ -37,7 +37,10 @@ def cifar_fits(tmp_path_factory, shared_dir):
     """Per model and class: the stored concepts of the default NMF, and scikit-learn's cd solution
     from the same NNDSVD start on the same activations (float64, as the stage fits them)."""
     store = tmp_path_factory.mktemp("nmf_cifar_store")
+    # The preset's image sets as they were when this was measured: the test images by label, not its
+    # train/test split by prediction (which needs whole-image predictions and the evaluation tree).
     cfg = compose("compare", "experiment=cifar_r20_vs_r56", f"store={store}", f"dataset.root={CIFAR_TEST}",
+                  "dataset.evaluation_root=null", "dataset.group_by=label", *PER_CLASS_COUNT,
                   "dataset.images_per_class=100", "dataset.split=[1,0,0]")
     images = load_image_sets(cfg.dataset)
     fits = {}

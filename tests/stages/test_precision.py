@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CHECKPOINTS, CIFAR_TEST, compose
+from conftest import CHECKPOINTS, CIFAR_TEST, PER_CLASS_COUNT, compose
 from rsvc_cli.errors import RsvcError
 from rsvc_cli.models.precision import is_convolutional, native_bf16
 from rsvc_cli.stages import extract
@@ -76,6 +76,7 @@ def _scores(store, precision: str) -> tuple[dict, dict]:
     """Similarities per class and direction, and each model's activations."""
     cfg = compose("compare", "experiment=cifar_r20_vs_r56", f"model1.checkpoint={CHECKPOINTS['cifar_resnet20']}",
                   f"model2.checkpoint={CHECKPOINTS['cifar_resnet56']}", f"dataset.root={CIFAR_TEST}",
+                  "dataset.evaluation_root=null", *PER_CLASS_COUNT,
                   "dataset.classes=[cat,ship]", "dataset.images_per_class=50", "dataset.group_by=label",
                   f"decomposition.n_concepts={N_CONCEPTS}", f"precision={precision}", f"store={store}")
     pair = prepare_pair(cfg)
