@@ -63,7 +63,8 @@ class ModelHandle:
     resize_size: int | None = None
     interpolation: str = "bilinear"
     # The class each output stands for: model.output_classes, or for weights rsvc trained the training
-    # classes (filled in by class_outputs when a grouping first needs them); None: see class_outputs.
+    # classes, then None for the outputs training left unused (filled in by class_outputs when a
+    # grouping first needs them); None: see class_outputs.
     output_classes: list[str] | None = None
     training_dataset: dict | None = None  # the config of the images rsvc trained the weights on
 
@@ -202,14 +203,18 @@ def class_outputs(model: ModelHandle, images: ImageSets, reader: str = "dataset.
     ``reader`` (what needs the outputs) and ``instead`` (the way around it) word the errors.
     """
     names, source_of_names = model.output_classes, f"{model.label}'s model.output_classes"
+    n_outputs = int(model.loaded.num_classes)
     if names is None and model.training_dataset is not None:
         # Listing a training tree reads every file name: once per model.
-        names = model.output_classes = list(make_source(model.training_dataset).class_names)
+        names = list(make_source(model.training_dataset).class_names)
         source_of_names = "its training classes"
+        if len(names) <= n_outputs:
+            # rsvc trains with labels 0..n-1 whatever the architecture's output count (a 10-output
+            # CIFAR ResNet on 4 classes): the training classes name the first outputs, the rest none.
+            names = model.output_classes = names + [None] * (n_outputs - len(names))
     if names is None:
         names = list(getattr(images.source, "folder_names", images.class_names))
         source_of_names = "the sorted class folders of dataset.root"
-    n_outputs = int(model.loaded.num_classes)
     if len(names) != n_outputs:
         raise RsvcError(f"{reader} {model.label}'s {n_outputs} outputs as classes, but "
                         f"{source_of_names} give {len(names)} class names.",
@@ -219,7 +224,8 @@ def class_outputs(model: ModelHandle, images: ImageSets, reader: str = "dataset.
     outputs = np.array([output_of.get(name, -1) for name in images.class_names], dtype=np.int64)
     if (outputs < 0).all():
         raise RsvcError(f"None of the compared classes ({', '.join(images.class_names[:5])}...) is among "
-                        f"{model.label}'s output classes ({', '.join(names[:5])}...); {reader} its outputs as them.",
+                        f"{model.label}'s output classes ({', '.join(n for n in names[:5] if n is not None)}...); "
+                        f"{reader} its outputs as them.",
                         f"Set model.output_classes to the model's class names in output order, or {instead}.")
     return outputs
 

@@ -157,6 +157,22 @@ def test_model_output_classes_name_the_outputs_or_stop_with_a_fix(tmp_path):
     model.training_dataset = {"name": "imagefolder", "root": str(CIFAR_TEST), "classes": list(reversed(folders))}
     assert class_outputs(model, images).tolist() == [4, 6]
     assert model.output_classes == list(reversed(folders))
+    # rsvc trains a 10-output ResNet on fewer classes with labels 0..n-1: they name its first outputs.
+    model.output_classes, model.training_dataset = None, {"name": "imagefolder", "root": str(CIFAR_TEST),
+                                                          "classes": ["dog", "cat", "ship"]}
+    assert class_outputs(model, images).tolist() == [0, 1]
+    assert class_outputs(model, images).tolist() == [0, 1]  # and again, from the names it kept
+    assert model.output_classes == ["dog", "cat", "ship", *[None] * 7]
+    # A compared class it was not trained on has no output: importance stops with a fix.
+    from rsvc_cli.stages.importance import target_outputs
+
+    model.output_classes, model.training_dataset["classes"] = None, ["dog", "ship"]
+    assert class_outputs(model, images).tolist() == [0, -1]
+    with pytest.raises(RsvcError, match="no output for class cat"):
+        target_outputs(model, images)
+    model.output_classes, model.training_dataset = None, {"name": "synthetic", "n_classes": 11}
+    with pytest.raises(RsvcError, match="10 outputs as classes, but its training classes give 11"):
+        class_outputs(model, images)
     with pytest.raises(RsvcError, match="10 outputs") as error:
         outputs("model.output_classes=[cat,dog]")
     assert "model.output_classes" in error.value.fix
