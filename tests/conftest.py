@@ -72,6 +72,18 @@ def shared_dir() -> Path:
     return SHARED
 
 
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """The `rsvc` entry point called in this process: its exit code and what it wrote to stderr."""
+    from rsvc_cli.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 def compose(stage: str, *overrides: str):
     """The config `rsvc <stage> <overrides>` would run with (no Hydra run directory is made)."""
     return compose_config(stage, normalize_overrides(list(overrides)))

@@ -19,21 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CHECKPOINTS, compose
-from rsvc_cli.cli import main
+from conftest import CHECKPOINTS, compose, run_main
 from rsvc_cli.errors import RsvcError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RSVC_PROGRESS": "0"}
 CUSTOM = "rsvc_cli.models.cifar.CifarResNet"
-
-
-def run_main(args: list[str], capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_paragraph(code: int, err: str, *phrases: str) -> None:

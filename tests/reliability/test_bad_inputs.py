@@ -25,11 +25,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CHECKPOINTS
+from conftest import CHECKPOINTS, run_main
 from reliability_helpers import (  # noqa: F401 (one_torch_thread: a fixture)
     FAST, copy_store, one_torch_thread, reference_run, run_rsvc, snapshot, subprocess_env,
 )
-from rsvc_cli.cli import main
 
 HERE = Path(__file__).resolve().parent
 # A small model on small image folders: the image cases need no second model.
@@ -217,12 +216,7 @@ def run_case(case: Case, case_dir: Path, store: Path, capsys) -> tuple[int, str]
         env = subprocess_env(PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         result = run_rsvc(*args, cwd=case_dir, console_script=True, env=env)
         return result.returncode, result.stderr
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    return run_main(args, capsys)
 
 
 @pytest.mark.slow
